@@ -1,0 +1,57 @@
+"""poolme_mp: a process pool for CPU-bound Python work.
+
+    from poolme_mp import WorkerPool
+    with WorkerPool() as pool:
+        results = pool.process(parse, paths)
+
+See WorkerPool for the options and the error contract.
+"""
+
+try:
+    from . import _dispatch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "poolme_mp's compiled dispatch core (poolme_mp._dispatch) is missing. "
+        "Install the package with `pip install .` (needs a C compiler and Cython), "
+        "or build it in place with `python setup.py build_ext --inplace`."
+    ) from exc
+
+from ._errors import (
+    BrokenPoolError,
+    CallbackError,
+    CallCancelledError,
+    CallTimeoutError,
+    PoolClosedError,
+    PoolError,
+    RemoteError,
+    TaskError,
+    TaskErrorGroup,
+    TaskSerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from ._policies import RateLimiter, RetryPolicy, TokenBucket
+from ._pool import ResultStream, UnpicklableFunctionError, WorkerPool
+
+__all__ = [
+    "BrokenPoolError",
+    "CallCancelledError",
+    "CallTimeoutError",
+    "CallbackError",
+    "PoolClosedError",
+    "PoolError",
+    "RateLimiter",
+    "RemoteError",
+    "ResultStream",
+    "RetryPolicy",
+    "TaskError",
+    "TaskErrorGroup",
+    "TaskSerializationError",
+    "TaskTimeoutError",
+    "TokenBucket",
+    "UnpicklableFunctionError",
+    "WorkerCrashedError",
+    "WorkerPool",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,357 @@
+"""A call (one process/process_map/process_stream/submit) and where its
+results go.
+
+The engine thread owns Call objects; the calling thread waits on the
+call's sink.  Sinks are the only objects both threads touch, and each
+guards its state with its own lock or event.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ._errors import TaskError, TaskErrorGroup
+from ._policies import RetryPolicy
+
+# A task waiting to be (re)sent: (index, task, attempts so far, isolated).
+# Isolated tasks travel alone in a frame, so that a crash or an encoding
+# failure can be pinned on exactly one task.
+PendingTask = tuple[int, Any, int, bool]
+
+_call_ids = itertools.count(1)
+
+
+class Call:
+    """The engine's record of one call: where its tasks come from, how many
+    are out, and the rules it runs under."""
+
+    def __init__(
+        self,
+        *,
+        fn_blob: bytes,
+        mode: int,
+        tasks: Any,
+        length: int | None,
+        sink: Sink,
+        retry: RetryPolicy,
+        stop_on_error: bool,
+        task_timeout: float | None,
+        timeout: float | None,
+        cancel: threading.Event | None,
+        keys: Sequence[Hashable] | None = None,
+        flow_limit: int | None = None,
+        future: Future[Any] | None = None,
+    ) -> None:
+        self.id = next(_call_ids)
+        self.fn_blob = fn_blob
+        self.fn_id = 0
+        self.mode = mode
+        self.sink = sink
+        self.retry = retry
+        self.stop_on_error = stop_on_error
+        self.task_timeout = task_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.cancel = cancel
+        self.keys = keys
+        self.flow_limit = flow_limit
+        self.future = future
+        # Where tasks come from: a sequence is sliced (fast), anything else
+        # is read lazily through an iterator.
+        self.sequence: Sequence[Any] | None = tasks if isinstance(tasks, (list, tuple)) else None
+        self.iterator: Iterator[Any] | None = None if self.sequence is not None else iter(tasks)
+        self.length = length
+        self.next_index = 0
+        self.exhausted = self.sequence is not None and len(self.sequence) == 0
+        self.future_started = False
+        self.pending: deque[PendingTask] = deque()
+        self.in_flight = 0
+        self.delayed = 0
+        self.done = False
+        self.in_ready_queue = False
+
+    # -- where tasks come from -------------------------------------------
+
+    def has_work(self) -> bool:
+        if self.done:
+            return False
+        if self.pending:
+            return True
+        return not self.exhausted and self.flow_open()
+
+    def flow_open(self) -> bool:
+        """Streams stop reading input while buffer_size tasks are out."""
+        if self.flow_limit is None:
+            return True
+        return self.next_index - self.sink.consumed < self.flow_limit
+
+    def flow_room(self) -> int | None:
+        if self.flow_limit is None:
+            return None
+        return max(0, self.flow_limit - (self.next_index - self.sink.consumed))
+
+    def remaining(self) -> int | None:
+        """Tasks not yet read from the input, when that is known."""
+        if self.length is None:
+            return None
+        return self.length - self.next_index
+
+    def take(self, limit: int) -> tuple[Any, list[Any], list[int] | None, bool]:
+        """Up to limit tasks to send: (indices, tasks, attempts, isolated).
+
+        indices is a range for fresh tasks, a list for resent ones.
+        Raises whatever the input iterator raises.
+        """
+        if self.pending:
+            return self._take_pending(limit)
+        room = self.flow_room()
+        if room is not None:
+            limit = max(1, min(limit, room))
+        start = self.next_index
+        if self.sequence is not None:
+            chunk = self.sequence[start:start + limit]
+            tasks = chunk if type(chunk) is list else list(chunk)
+            if start + len(tasks) >= len(self.sequence):
+                self.exhausted = True
+        else:
+            assert self.iterator is not None
+            tasks = list(itertools.islice(self.iterator, limit))
+            if len(tasks) < limit:
+                self.exhausted = True
+        self.next_index = start + len(tasks)
+        if self.exhausted:
+            self.length = self.next_index
+            self.sink.set_length(self.next_index)
+        return range(start, self.next_index), tasks, None, False
+
+    def _take_pending(self, limit: int) -> tuple[Any, list[Any], list[int] | None, bool]:
+        first = self.pending[0]
+        if first[3]:
+            self.pending.popleft()
+            return [first[0]], [first[1]], [first[2]], True
+        indices, tasks, attempts = [], [], []
+        while self.pending and len(tasks) < limit and not self.pending[0][3]:
+            index, task, tries, _ = self.pending.popleft()
+            indices.append(index)
+            tasks.append(task)
+            attempts.append(tries)
+        return indices, tasks, attempts, False
+
+    def requeue(self, items: list[PendingTask]) -> None:
+        """Put tasks back at the front, in their original order."""
+        self.pending.extendleft(reversed(items))
+
+    def finished(self) -> bool:
+        return self.exhausted and not self.pending and self.in_flight == 0 and self.delayed == 0
+
+    def key_of(self, index: int) -> Hashable | None:
+        return None if self.keys is None else self.keys[index]
+
+
+class Sink:
+    """Receives a call's outcomes, on the engine thread."""
+
+    consumed = 0
+
+    def set_length(self, length: int) -> None:
+        pass
+
+    def accept(self, indices: Any, values: list[Any]) -> None:
+        raise NotImplementedError
+
+    def fail(self, index: int, error: TaskError) -> None:
+        raise NotImplementedError
+
+    def finish(self, failure: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+_MISSING: Any = object()
+
+
+class ListSink(Sink):
+    """Collects a batch call's results in input order."""
+
+    def __init__(self, length: int | None, *, return_exceptions: bool,
+                 progress: Any = None) -> None:
+        self.results: list[Any] = [_MISSING] * length if length is not None else []
+        self.errors: dict[int, TaskError] = {}
+        self.return_exceptions = return_exceptions
+        self.failure: BaseException | None = None
+        self.progress = progress
+        self.length = length
+        self._done = threading.Event()
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        if self.progress is not None and self.progress.total is None:
+            self.progress.total = length
+            self.progress.refresh()
+
+    def _grow(self, stop: int) -> None:
+        if stop > len(self.results):
+            self.results.extend([_MISSING] * (stop - len(self.results)))
+
+    def accept(self, indices: Any, values: list[Any]) -> None:
+        if type(indices) is range:
+            self._grow(indices.stop)
+            self.results[indices.start:indices.stop] = values
+        else:
+            self._grow(max(indices) + 1)
+            for index, value in zip(indices, values):
+                self.results[index] = value
+        if self.progress is not None:
+            self.progress.update(len(values))
+
+    def fail(self, index: int, error: TaskError) -> None:
+        self._grow(index + 1)
+        self.errors[index] = error
+        self.results[index] = error
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def finish(self, failure: BaseException | None) -> None:
+        self.failure = failure
+        if self.progress is not None:
+            self.progress.close()
+        self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    def outcome(self) -> list[Any]:
+        if self.failure is not None:
+            raise self.failure
+        if self.length is not None:
+            del self.results[self.length:]
+        if self.errors and not self.return_exceptions:
+            errors = [self.errors[i] for i in sorted(self.errors)]
+            raise TaskErrorGroup(
+                f"{len(errors)} of {len(self.results)} tasks failed", errors, self.results)
+        return self.results
+
+
+class Failure:
+    """Marks a failed task's place in a stream's chunks."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: TaskError) -> None:
+        self.error = error
+
+
+class StreamSink(Sink):
+    """Hands a stream's results to the consuming thread as they arrive.
+
+    Results are kept in chunks (one per frame) so that the consumer takes
+    a lock once per frame, not once per result.
+    """
+
+    def __init__(self, *, ordered: bool, return_exceptions: bool, progress: Any = None,
+                 on_consumed: Callable[[], None] | None = None) -> None:
+        self.ordered = ordered
+        self.return_exceptions = return_exceptions
+        self.progress = progress
+        self.on_consumed = on_consumed
+        self.consumed = 0
+        self.finished = False
+        self.failure: BaseException | None = None
+        self._cond = threading.Condition()
+        # ordered: start index -> values; unordered: a queue of chunks.
+        self._by_start: dict[int, list[Any]] = {}
+        self._queue: deque[list[Any]] = deque()
+        self._next = 0
+
+    def set_length(self, length: int) -> None:
+        if self.progress is not None and self.progress.total is None:
+            self.progress.total = length
+            self.progress.refresh()
+
+    def accept(self, indices: Any, values: list[Any]) -> None:
+        with self._cond:
+            if type(indices) is range:
+                self._store(indices.start, values)
+            else:
+                for index, value in zip(indices, values):
+                    self._store(index, [value])
+            self._cond.notify()
+        if self.progress is not None:
+            self.progress.update(len(values))
+
+    def _store(self, start: int, values: list[Any]) -> None:
+        if self.ordered:
+            self._by_start[start] = values
+        else:
+            self._queue.append(values)
+
+    def fail(self, index: int, error: TaskError) -> None:
+        with self._cond:
+            self._store(index, [Failure(error)])
+            self._cond.notify()
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def finish(self, failure: BaseException | None) -> None:
+        with self._cond:
+            self.finished = True
+            self.failure = failure
+            self._cond.notify_all()
+        if self.progress is not None:
+            self.progress.close()
+
+    def next_chunk(self, poll: float) -> list[Any] | None:
+        """The next chunk in stream order; None at the end.  Raises the
+        call's failure once every result before it has been handed out."""
+        with self._cond:
+            while True:
+                chunk = self._pop_ready()
+                if chunk is not None:
+                    break
+                if self.finished:
+                    if self.failure is not None:
+                        raise self.failure
+                    return None
+                self._cond.wait(poll)
+        self.consumed += len(chunk)
+        if self.on_consumed is not None:
+            self.on_consumed()
+        return chunk
+
+    def _pop_ready(self) -> list[Any] | None:
+        if not self.ordered:
+            return self._queue.popleft() if self._queue else None
+        chunk = self._by_start.pop(self._next, None)
+        if chunk is not None:
+            self._next += len(chunk)
+        return chunk
+
+
+class FutureSink(Sink):
+    """Resolves the Future of a submit()."""
+
+    def __init__(self, future: Future[Any]) -> None:
+        self.future = future
+
+    def accept(self, indices: Any, values: list[Any]) -> None:
+        if not self.future.done():
+            self.future.set_result(values[0])
+
+    def fail(self, index: int, error: TaskError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def finish(self, failure: BaseException | None) -> None:
+        if failure is not None and not self.future.done():
+            try:
+                self.future.set_exception(failure)
+            except Exception:
+                # set_exception on a future cancelled meanwhile by its
+                # owner raises InvalidStateError; the cancel already woke
+                # every waiter.
+                pass

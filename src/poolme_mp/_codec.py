@@ -1,0 +1,239 @@
+"""Serialization between the pool and its workers.
+
+A payload is pickled with protocol 5.  Large buffers (numpy arrays,
+bytearray, memoryview and large bytes) are taken out of band and written to
+a *spill* segment, a memfd that the receiver maps by path
+(/proc/<sender pid>/fd/<fd>), so array data is never pickled and is copied
+once, into the segment; the receiver reads it in place.  A pickle stream
+too large for a ring frame goes to the spill segment too.
+
+Envelope, the bytes that travel inside a ring frame:
+
+    b"\\x00" + pickle                 everything inline
+    b"\\x01" + SPILL_HEADER + ranges [+ pickle]
+        SPILL_HEADER: sender pid (q), fd (i), segment size (Q),
+                      buffer count (I), pickle-in-segment flag (I)
+        ranges: (offset Q, length Q) per out-of-band buffer, then one more
+                for the pickle stream when it is in the segment
+
+The sender keeps the spill descriptor open until the receiver says it has
+mapped it (see the engine and the worker); after that the pages live as
+long as any array viewing them.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ._dispatch import wrap_large_bytes
+
+# Buffers at least this large travel out of band.  Below it, the copies
+# made by pickling in band cost less than a segment of their own.
+OUT_OF_BAND_THRESHOLD = 256 * 1024
+
+_SPILL_HEADER = struct.Struct("<qiQII")
+_RANGE = struct.Struct("<QQ")
+_INLINE = b"\x00"
+_SPILLED = b"\x01"
+# Out-of-band buffers start on this boundary in a segment, so numpy arrays
+# rebuilt on top of them are aligned for vectorised code.
+_ALIGN = 64
+
+
+class LargeBytes:
+    """Marks a bytes object that should travel out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _bytes_from_buffer(buffer: Any) -> bytes:
+    return bytes(buffer)
+
+
+def _bytearray_from_buffer(buffer: Any) -> bytearray:
+    return bytearray(buffer)
+
+
+def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != fmt or view.shape != shape:
+        view = view.cast("B").cast(fmt, shape)
+    return view
+
+
+def _reduce_buffer_like(obj: Any) -> Any:
+    """Out-of-band reductions for the byte containers pickle keeps in band."""
+    kind = type(obj)
+    if kind is LargeBytes:
+        return _bytes_from_buffer, (pickle.PickleBuffer(obj.data),)
+    if kind is bytearray and len(obj) >= OUT_OF_BAND_THRESHOLD:
+        return _bytearray_from_buffer, (pickle.PickleBuffer(obj),)
+    if kind is memoryview and obj.nbytes >= OUT_OF_BAND_THRESHOLD and obj.c_contiguous:
+        return _memoryview_from_buffer, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+    return NotImplemented
+
+
+class _StdPickler(pickle.Pickler):
+    reducer_override = staticmethod(_reduce_buffer_like)  # type: ignore[assignment]
+
+
+class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = _reduce_buffer_like(obj)
+        if reduced is NotImplemented:
+            return super().reducer_override(obj)
+        return reduced
+
+
+def _dumps(pickler_cls: type, obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+    def keep_large_out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND_THRESHOLD:
+            return True
+        buffers.append(buffer)
+        return False
+
+    stream = io.BytesIO()
+    pickler_cls(stream, protocol=5, buffer_callback=keep_large_out_of_band).dump(obj)
+    return stream.getvalue()
+
+
+def dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+    """Pickle obj, collecting its large buffers; cloudpickle if needed.
+
+    The standard pickler is tried first because it is several times
+    faster; cloudpickle is the fallback for lambdas, closures and classes
+    defined in __main__ inside the payload.
+    """
+    try:
+        return _dumps(_StdPickler, obj, buffers)
+    except Exception:
+        buffers.clear()
+        return _dumps(_CloudPickler, obj, buffers)
+
+
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """Pickle a function by value where needed, so that lambdas, closures
+    and functions of __main__ work under every start method."""
+    return bytes(cloudpickle.dumps(fn, protocol=5))
+
+
+class Spill:
+    """A memfd segment holding a payload's out-of-band parts.
+
+    The sender owns the descriptor and closes it once the receiver has
+    mapped the segment.
+    """
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.fd = -1
+        self.size = 0
+        self.fd = os.memfd_create("poolme-spill", os.MFD_CLOEXEC)
+        try:
+            self._write(parts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, parts: list[memoryview]) -> None:
+        # pwritev lets the kernel copy straight into the segment's pages:
+        # no mapping, no page faults on the sending side.
+        total = sum(_aligned(part.nbytes) for part in parts)
+        os.ftruncate(self.fd, max(total, 1))
+        offset = 0
+        for part in parts:
+            written = 0
+            while written < part.nbytes:
+                written += os.pwrite(self.fd, part[written:], offset + written)
+            offset += _aligned(part.nbytes)
+        self.size = max(total, 1)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def encode(obj: Any, inline_limit: int) -> tuple[list[Any], Spill | None]:
+    """Encode obj as an envelope: (byte parts to concatenate, spill or None).
+
+    Raises whatever pickling raises; the caller decides what that means.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    main = dumps(obj, buffers)
+    if not buffers and len(main) + 1 <= inline_limit:
+        return [_INLINE, main], None
+    views = [buffer.raw() for buffer in buffers]
+    main_in_spill = len(main) + 1 + _SPILL_HEADER.size + _RANGE.size * (len(views) + 1) > inline_limit
+    if main_in_spill:
+        views.append(memoryview(main))
+    spill = Spill(views)
+    ranges = bytearray()
+    offset = 0
+    for view in views:
+        ranges += _RANGE.pack(offset, view.nbytes)
+        offset += _aligned(view.nbytes)
+    header = _SPILL_HEADER.pack(os.getpid(), spill.fd, spill.size, len(buffers), main_in_spill)
+    parts: list[Any] = [_SPILLED, header, bytes(ranges)]
+    if not main_in_spill:
+        parts.append(main)
+    return parts, spill
+
+
+def decode(envelope: Any, writable: bool) -> Any:
+    """Rebuild an object from an envelope (bytes or a memoryview).
+
+    With writable=False, out-of-band buffers are mapped read-only, so a
+    worker sees its input arrays as read-only views.
+    """
+    view = memoryview(envelope)
+    if view[0] == 0:
+        return pickle.loads(view[1:])
+    pid, fd, size, n_buffers, main_in_spill = _SPILL_HEADER.unpack_from(view, 1)
+    position = 1 + _SPILL_HEADER.size
+    n_ranges = n_buffers + (1 if main_in_spill else 0)
+    ranges = [_RANGE.unpack_from(view, position + i * _RANGE.size) for i in range(n_ranges)]
+    segment = map_spill(pid, fd, size, writable)
+    buffers = [segment[start:start + length] for start, length in ranges[:n_buffers]]
+    if main_in_spill:
+        start, length = ranges[-1]
+        main: Any = segment[start:start + length]
+    else:
+        main = view[position + n_ranges * _RANGE.size:]
+    return pickle.loads(main, buffers=buffers)
+
+
+def map_spill(pid: int, fd: int, size: int, writable: bool) -> memoryview:
+    """Map another process's memfd by path and return a view of it."""
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    local_fd = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        populate = getattr(mmap, "MAP_POPULATE", 0)
+        segment = mmap.mmap(local_fd, size, mmap.MAP_SHARED | populate, prot)
+    finally:
+        # The mapping keeps the pages alive; the descriptor is not needed.
+        os.close(local_fd)
+    view = memoryview(segment)
+    return view if writable else view.toreadonly()
+
+
+def mark_large_bytes(items: list[Any]) -> None:
+    """Wrap large bytes items of a list in place so they go out of band."""
+    wrap_large_bytes(items, OUT_OF_BAND_THRESHOLD, LargeBytes)

@@ -1,0 +1,1028 @@
+"""The parent's engine: one thread per pool that owns the rings.
+
+    API threads ──requests──► engine thread ──frames──► task rings
+      (process, submit, ...)   │   ▲                     result rings
+      wait on their sink ◄─────┘   └── results, READY, LOG ─┘
+                                   └── process sentinels, deadlines
+
+Each pass of the loop takes new requests, collects results, handles dead
+workers, enforces deadlines, releases retries and dispatches, then blocks
+in one poll() on the result doorbell, the wakeup eventfd and every
+worker's sentinel, with a timeout set by the nearest deadline.  Only this
+thread touches the rings, the worker table and Call objects, so none of
+them needs a lock; requests cross over through a locked deque.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from . import _codec, _dispatch
+from . import _protocol as proto
+from ._calls import Call, PendingTask
+from ._errors import (
+    BrokenPoolError,
+    CallbackError,
+    PoolClosedError,
+    RemoteError,
+    TaskError,
+    TaskSerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    describe_exit,
+    describe_task,
+)
+from ._policies import RateLimiter
+from ._worker import InheritedFd, WorkerConfig, worker_main
+
+_log = logging.getLogger("poolme_mp.engine")
+
+# Aim for this much work per frame: long enough that the per-frame cost
+# (a doorbell, two headers, a pickle call) vanishes, short enough that
+# work still spreads evenly over the workers.
+TARGET_FRAME_NS = 4_000_000
+MAX_BATCH = 65_536
+# Frames whose tasks are slower than this go one at a time per worker, so
+# no task waits in a ring behind a long one while another worker idles.
+SLOW_TASK_NS = 20_000_000
+# How long tasks of a cancelled or timed-out call may keep a worker before
+# it is killed and replaced.
+ABANDON_GRACE = 0.3
+# Consecutive failed worker starts after which the pool is broken.
+MAX_START_FAILURES = 3
+# How often cancel tokens and task timeouts are looked at while they apply.
+POLL_INTERVAL = 0.02
+
+
+@dataclass
+class EngineOptions:
+    workers: int
+    start_method: str
+    ring_bytes: int
+    task_timeout: float | None = None
+    rate_limiter: RateLimiter | None = None
+    max_tasks_per_worker: int | None = None
+    on_worker_start: Callable[[], Any] | None = None
+    on_worker_stop: Callable[[], Any] | None = None
+    on_task_start: Callable[[Any], Any] | None = None
+    on_task_end: Callable[[Any, Any], Any] | None = None
+    on_error: Callable[[TaskError], Any] | None = None
+    on_retry: Callable[[Any, int, BaseException, float], Any] | None = None
+
+
+@dataclass
+class Frame:
+    """A frame sent to a worker and not yet answered."""
+
+    seq: int
+    call: Call
+    indices: Any
+    tasks: list[Any]
+    attempts: list[int] | None
+    isolated: bool
+    spill: _codec.Spill | None
+
+    def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
+        attempts = self.attempts
+        return [(self.indices[k], self.tasks[k], attempts[k] if attempts else 0, isolated)
+                for k in offsets]
+
+    def attempts_of(self, offset: int) -> int:
+        return (self.attempts[offset] if self.attempts else 0) + 1
+
+
+@dataclass
+class WorkerHandle:
+    """The engine's view of one worker process in one slot."""
+
+    slot: int
+    process: Any
+    pid: int
+    doorbell: int
+    frames: deque[Frame] = field(default_factory=deque)
+    known_functions: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    ready: bool = False
+    stopping: bool = False
+    tasks_sent: int = 0
+    kill_reason: tuple[Any, ...] | None = None
+    abandon_at: float | None = None
+
+
+class Engine:
+    """Runs one pool: its workers, its segment and its engine thread."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self.context = multiprocessing.get_context(options.start_method)
+        self.region_fd = os.memfd_create("poolme-pool", os.MFD_CLOEXEC)
+        self.region = _dispatch.SharedRegion(self.region_fd, options.workers, options.ring_bytes, True)
+        self.inline_limit = self.region.max_payload() // 2
+        self.result_doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.hooks = (
+            _codec.dumps_function(options.on_worker_start) if options.on_worker_start else None,
+            _codec.dumps_function(options.on_worker_stop) if options.on_worker_stop else None,
+        )
+        self.workers: list[WorkerHandle | None] = [None] * options.workers
+        self.sentinels: dict[int, WorkerHandle] = {}
+        self.poller = select.poll()
+        self.poller.register(self.result_doorbell, select.POLLIN)
+        self.poller.register(self.wakeup, select.POLLIN)
+
+        self.requests: deque[tuple[str, Any]] = deque()
+        self.requests_lock = threading.Lock()
+        self.active: dict[int, Call] = {}
+        self.ready: deque[Call] = deque()
+        self.flow_blocked: list[Call] = []
+        self.retries: list[tuple[float, int, Call, PendingTask]] = []
+        self.retry_order = 0
+        self.seq = 0
+        self.function_ids: OrderedDict[bytes, int] = OrderedDict()
+        self.next_function_id = 1
+        # fn id -> [ns per task, largest batch measured]
+        self.costs: dict[int, list[int]] = {}
+        self.start_failures = 0
+        self.start_failure: BaseException | None = None
+        self.broken: BrokenPoolError | None = None
+        self.closing = False       # no new calls; stop once calls are done
+        self.terminating = False   # stop now, killing workers
+        self.rate_wait_until = 0.0
+        self.thread = threading.Thread(target=self._run, name="poolme-engine", daemon=True)
+        self.stopped = threading.Event()
+        self.hook_failures: list[BaseException] = []
+
+    # == API side (any thread) ==================================================
+
+    def start(self) -> None:
+        for slot in range(self.options.workers):
+            self._spawn(slot)
+        self.thread.start()
+        _live_engines.add(self)
+
+    def submit(self, call: Call) -> None:
+        with self.requests_lock:
+            if self.broken is not None:
+                raise self.broken
+            if self.closing or self.terminating:
+                raise PoolClosedError("the pool is shut down; it accepts no more work")
+            self.requests.append(("call", call))
+        self.wake()
+
+    def abort(self, call: Call, failure: BaseException | None) -> None:
+        """Stop a call from another thread (interrupt, closed stream)."""
+        with self.requests_lock:
+            self.requests.append(("abort", (call, failure)))
+        self.wake()
+
+    def close(self, cancel_futures: bool = False) -> None:
+        with self.requests_lock:
+            self.closing = True
+            self.requests.append(("close", cancel_futures))
+        self.wake()
+
+    def terminate(self) -> None:
+        with self.requests_lock:
+            self.closing = True
+            self.terminating = True
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self.wakeup, 1)
+        except OSError:
+            pass  # already torn down
+
+    def join(self, timeout: float | None) -> bool:
+        if not self.thread.is_alive() and not self.stopped.is_set():
+            return True
+        return self.stopped.wait(timeout)
+
+    # == engine thread ===========================================================
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._take_requests()
+                if self.terminating:
+                    break
+                self._collect_all()
+                self._enforce_deadlines()
+                self._release_retries()
+                self._dispatch()
+                if self.closing and not self.active and self._stop_idle_workers():
+                    break
+                self._wait()
+        except BaseException as exc:  # an engine bug must not hang callers
+            _log.error("poolme_mp engine failed", exc_info=True)
+            self._fail_all(RuntimeError(f"poolme_mp engine failed: {exc!r}"))
+        finally:
+            self._teardown()
+
+    # -- requests -------------------------------------------------------------
+
+    def _take_requests(self) -> None:
+        with self.requests_lock:
+            requests, self.requests = self.requests, deque()
+        for kind, payload in requests:
+            if kind == "call":
+                self._add_call(payload)
+            elif kind == "abort":
+                call, failure = payload
+                self._abort_call(call, failure)
+            elif kind == "close" and payload:
+                self._cancel_pending_futures()
+        if self.flow_blocked:
+            blocked, self.flow_blocked = self.flow_blocked, []
+            for call in blocked:
+                self._make_ready(call)
+        if self.terminating:
+            self._fail_all(PoolClosedError("the pool was terminated"))
+
+    def _add_call(self, call: Call) -> None:
+        if call.exhausted:
+            call.sink.set_length(0)
+        if self.broken is not None:
+            call.done = True
+            call.sink.finish(self.broken)
+            return
+        call.fn_id = self._function_id(call.fn_blob)
+        self.active[call.id] = call
+        self._make_ready(call)
+        self._finish_if_done(call)
+
+    def _function_id(self, blob: bytes) -> int:
+        """The same function bytes get the same id, so workers unpickle a
+        function once and later calls only name it."""
+        fn_id = self.function_ids.get(blob)
+        if fn_id is None:
+            fn_id = self.next_function_id
+            self.next_function_id += 1
+            self.function_ids[blob] = fn_id
+            if len(self.function_ids) > 1024:
+                self.function_ids.popitem(last=False)
+        else:
+            self.function_ids.move_to_end(blob)
+        return fn_id
+
+    def _cancel_pending_futures(self) -> None:
+        for call in list(self.active.values()):
+            if call.future is not None and call.in_flight == 0 and call.future.cancel():
+                self._abort_call(call, None)
+
+    def _make_ready(self, call: Call) -> None:
+        if not call.in_ready_queue and not call.done:
+            call.in_ready_queue = True
+            self.ready.append(call)
+
+    # -- workers ----------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        self.region.reset_slot(slot)
+        doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        config = WorkerConfig(
+            slot=slot,
+            n_slots=self.options.workers,
+            ring_bytes=self.options.ring_bytes,
+            region=InheritedFd(self.region_fd),
+            doorbell=InheritedFd(doorbell),
+            result_doorbell=InheritedFd(self.result_doorbell),
+            owner_pid=os.getpid(),
+            on_worker_start=self.hooks[0],
+            on_worker_stop=self.hooks[1],
+            log_levels=_logging_levels(),
+        )
+        process = self.context.Process(
+            target=worker_main, args=(config,), name=f"poolme-worker-{slot}", daemon=False)
+        process.start()
+        handle = WorkerHandle(slot=slot, process=process, pid=int(process.pid or 0), doorbell=doorbell)
+        self.workers[slot] = handle
+        self.sentinels[process.sentinel] = handle
+        self.poller.register(process.sentinel, select.POLLIN)
+
+    def _worker_exited(self, handle: WorkerHandle) -> None:
+        handle.process.join(1.0)
+        exitcode = handle.process.exitcode
+        self._collect(handle)
+        self.poller.unregister(handle.process.sentinel)
+        del self.sentinels[handle.process.sentinel]
+        os.close(handle.doorbell)
+        self.workers[handle.slot] = None
+        expected = handle.stopping and not handle.frames
+        if not handle.ready and not expected:
+            self._count_start_failure(handle, exitcode)
+        self._recover_frames(handle, exitcode)
+        handle.process.close()
+        if not self.terminating and self.broken is None and not (self.closing and not self.active):
+            self._spawn(handle.slot)
+
+    def _count_start_failure(self, handle: WorkerHandle, exitcode: int | None) -> None:
+        self.start_failures += 1
+        if self.start_failures < MAX_START_FAILURES:
+            return
+        cause = self.start_failure
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else (
+            f"; the last one ended with {describe_exit(exitcode)} before it was ready "
+            "(its stderr says why; under spawn the main module must be importable)")
+        broken = BrokenPoolError(
+            f"{self.start_failures} worker starts failed in a row{detail}")
+        broken.__cause__ = cause
+        self.broken = broken
+        self._fail_all(broken)
+
+    def _recover_frames(self, handle: WorkerHandle, exitcode: int | None) -> None:
+        """Decide the fate of every frame a dead worker still held."""
+        phase, seq, offset, _ = self.region.progress(handle.slot)
+        frames = list(handle.frames)
+        handle.frames.clear()
+        for position, frame in enumerate(frames):
+            if frame.spill is not None:
+                frame.spill.close()
+            call = frame.call
+            call.in_flight -= len(frame.tasks)
+            if call.done:
+                continue
+            started = position == 0 and seq == frame.seq and phase in (
+                _dispatch.PHASE_DECODING, _dispatch.PHASE_RUNNING, _dispatch.PHASE_ENCODING)
+            if not started:
+                self._requeue(call, frame.pending(range(len(frame.tasks))))
+            elif phase == _dispatch.PHASE_RUNNING and 0 <= offset < len(frame.tasks):
+                self._blame_task(handle, frame, offset, exitcode)
+            elif len(frame.tasks) > 1:
+                # Died reading the frame or writing its results: one of its
+                # tasks is to blame, so run each alone to find which.
+                self._requeue(call, frame.pending(range(len(frame.tasks)), isolated=True))
+            else:
+                stage = "unpickling its argument" if phase == _dispatch.PHASE_DECODING else "pickling its result"
+                self._crashed(handle, frame, 0, exitcode, f" while {stage}")
+            self._finish_if_done(call)
+
+    def _blame_task(self, handle: WorkerHandle, frame: Frame, offset: int, exitcode: int | None) -> None:
+        others = [k for k in range(len(frame.tasks)) if k != offset]
+        # Tasks before the culprit ran, but their results died with the
+        # worker; they run again along with those after it.
+        self._requeue(frame.call, frame.pending(others))
+        reason = handle.kill_reason
+        if reason and reason[0] == "timeout" and reason[1] == frame.seq and reason[2] == offset:
+            index = frame.indices[offset]
+            error = TaskTimeoutError(
+                f"{self._describe(frame.call, index)} ran past task_timeout="
+                f"{frame.call.task_timeout}s; its worker (pid {handle.pid}) was killed "
+                "with its process group and replaced",
+                index=index, key=frame.call.key_of(index), attempts=frame.attempts_of(offset),
+                worker_pid=handle.pid)
+            self._task_failed(frame.call, frame, offset, error, error)
+        else:
+            self._crashed(handle, frame, offset, exitcode, "")
+
+    def _crashed(self, handle: WorkerHandle, frame: Frame, offset: int,
+                 exitcode: int | None, stage: str) -> None:
+        index = frame.indices[offset]
+        call = frame.call
+        if handle.kill_reason and handle.kill_reason[0] == "abandon":
+            return
+        error = WorkerCrashedError(
+            f"{self._describe(call, index)} crashed its worker (pid {handle.pid}){stage} "
+            f"with {describe_exit(exitcode)}. Likely causes: a segfault in native code, "
+            "os._exit() in the task, running out of memory (the OOM killer sends SIGKILL), "
+            "or a signal sent from outside. The worker was replaced.",
+            index=index, key=call.key_of(index), attempts=frame.attempts_of(offset),
+            worker_pid=handle.pid, exitcode=exitcode)
+        if stage:
+            error = self._as_serialization_error(error, stage, exitcode)
+        self._task_failed(call, frame, offset, error, error)
+
+    @staticmethod
+    def _as_serialization_error(error: WorkerCrashedError, stage: str, exitcode: int | None) -> TaskError:
+        direction = "task" if "argument" in stage else "result"
+        crashed = TaskSerializationError(
+            str(error.args[0]), direction=direction, index=error.index, key=error.key,
+            attempts=error.attempts, worker_pid=error.worker_pid)
+        crashed.__cause__ = error
+        return crashed
+
+    def _kill(self, handle: WorkerHandle, reason: tuple[Any, ...]) -> None:
+        handle.kill_reason = reason
+        pid = handle.pid
+        try:
+            # The worker leads its own process group, so this also ends
+            # every process its task started.
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _stop_idle_workers(self) -> bool:
+        """Send STOP to every worker; True once all have exited."""
+        alive = False
+        for handle in self.workers:
+            if handle is None:
+                continue
+            alive = True
+            if not handle.stopping:
+                self._send_stop(handle)
+        return not alive
+
+    def _send_stop(self, handle: WorkerHandle) -> None:
+        self.seq += 1
+        pushed = self.region.push(handle.slot, _dispatch.TASKS, proto.STOP, self.seq, [])
+        if pushed:
+            handle.stopping = True
+            if pushed == 2:
+                os.eventfd_write(handle.doorbell, 1)
+
+    # -- collecting results -----------------------------------------------------
+
+    def _collect_all(self) -> None:
+        for handle in self.workers:
+            if handle is not None:
+                self._collect(handle)
+
+    def _collect(self, handle: WorkerHandle) -> None:
+        region, slot = self.region, handle.slot
+        while True:
+            frame = region.peek(slot, _dispatch.RESULTS)
+            if frame is None:
+                return
+            kind, seq, payload, frame_bytes = frame
+            try:
+                self._on_message(handle, kind, seq, payload)
+            finally:
+                del payload
+                region.consume(slot, _dispatch.RESULTS, frame_bytes)
+
+    def _on_message(self, handle: WorkerHandle, kind: int, seq: int, payload: Any) -> None:
+        if kind == proto.RESULTS:
+            self._on_results(handle, seq, payload)
+        elif kind == proto.READY:
+            handle.ready = True
+            self.start_failures = 0
+            self.start_failure = None
+        elif kind == proto.LOG:
+            _emit_worker_log(pickle.loads(payload))
+        elif kind == proto.START_FAILED:
+            self.start_failure = _rebuild_exception(pickle.loads(payload))
+        elif kind == proto.HOOK_FAILED:
+            failure = _rebuild_exception(pickle.loads(payload))
+            self.hook_failures.append(failure)
+            _log.error("on_worker_stop raised in worker pid %s: %r", handle.pid, failure)
+
+    def _on_results(self, handle: WorkerHandle, seq: int, payload: Any) -> None:
+        frame = handle.frames.popleft()
+        assert frame.seq == seq, (frame.seq, seq)
+        if frame.spill is not None:
+            frame.spill.close()
+        call = frame.call
+        n = len(frame.tasks)
+        call.in_flight -= n
+        _, elapsed, stopped_at, status, envelope_len = proto.RESULT_HEADER.unpack_from(payload, 0)
+        start = proto.RESULT_HEADER.size
+        if call.done:
+            self.region.set_spill_ack(handle.slot, seq)
+            return
+        try:
+            results = _codec.decode(payload[start:start + envelope_len], True) if envelope_len else None
+            decode_error: BaseException | None = None
+        except BaseException as exc:
+            results, decode_error = None, exc
+        # Decoded (or given up): the worker may close its spill segment.
+        self.region.set_spill_ack(handle.slot, seq)
+        error_bytes = payload[start + envelope_len:]
+        records = pickle.loads(error_bytes) if len(error_bytes) else []
+        if status == proto.STATUS_FUNCTION_FAILED:
+            self._function_failed(call, handle, records[0])
+        elif status == proto.STATUS_DECODE_FAILED or decode_error is not None:
+            self._undecodable(handle, frame, records, decode_error)
+        else:
+            self._record_cost(call, frame, elapsed, stopped_at)
+            self._deliver(handle, frame, results, records, stopped_at)
+        self._finish_if_done(call)
+
+    def _record_cost(self, call: Call, frame: Frame, elapsed: int, stopped_at: int) -> None:
+        ran = len(frame.tasks) if stopped_at < 0 else stopped_at
+        if ran <= 0:
+            return
+        per_task = max(1, elapsed // ran)
+        cost = self.costs.get(call.fn_id)
+        if cost is None:
+            self.costs[call.fn_id] = [per_task, ran]
+        else:
+            # Weighted toward the new figure so a change in task size shows
+            # within a frame or two.
+            cost[0] = (cost[0] + 3 * per_task) // 4
+            cost[1] = max(cost[1], ran)
+
+    def _deliver(self, handle: WorkerHandle, frame: Frame, results: Any,
+                 records: list[tuple[Any, ...]], stopped_at: int) -> None:
+        call = frame.call
+        end_callback = self.options.on_task_end
+        if not records and stopped_at < 0:
+            call.sink.accept(frame.indices, results)
+            if end_callback is not None:
+                for index, value in zip(frame.indices, results):
+                    self._callback(call, end_callback, self._task_ref(call, index), value)
+            return
+        failed = {record[0]: record for record in records}
+        ran = len(frame.tasks) if stopped_at < 0 else stopped_at
+        for offset in range(len(frame.tasks)):
+            if call.done:
+                return
+            index = frame.indices[offset]
+            record = failed.get(offset)
+            if record is not None:
+                cause = _rebuild_exception(record)
+                error = self._task_error(call, frame, offset, handle, record, cause)
+                self._task_failed(call, frame, offset, error, cause)
+            elif offset < ran:
+                call.sink.accept([index], [results[offset]])
+                if end_callback is not None:
+                    self._callback(call, end_callback, self._task_ref(call, index), results[offset])
+            else:
+                self._requeue(call, frame.pending([offset]))
+
+    def _task_error(self, call: Call, frame: Frame, offset: int, handle: WorkerHandle,
+                    record: tuple[Any, ...], cause: BaseException) -> TaskError:
+        index = frame.indices[offset]
+        _, _, type_name, message, text, direction = record
+        what = self._describe(call, index)
+        attempts = frame.attempts_of(offset)
+        common: dict[str, Any] = dict(
+            index=index, key=call.key_of(index), attempts=attempts,
+            worker_pid=handle.pid, remote_traceback=text)
+        if direction == "result":
+            error: TaskError = TaskSerializationError(
+                f"{what}: its result could not be pickled in the worker to travel back: "
+                f"{type_name}: {message}", direction="result", **common)
+        elif direction == "task":
+            error = TaskSerializationError(
+                f"{what}: its argument could not be unpickled in the worker: "
+                f"{type_name}: {message}", direction="task", **common)
+        else:
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            error = TaskError(f"{what} failed{tries}: {type_name}: {message}", **common)
+        error.__cause__ = cause
+        return error
+
+    def _undecodable(self, handle: WorkerHandle, frame: Frame, records: list[tuple[Any, ...]],
+                     decode_error: BaseException | None) -> None:
+        if len(frame.tasks) > 1:
+            self._requeue(frame.call, frame.pending(range(len(frame.tasks)), isolated=True))
+            return
+        index = frame.indices[0]
+        if decode_error is not None:
+            error: TaskError = TaskSerializationError(
+                f"{self._describe(frame.call, index)}: its result could not be unpickled "
+                f"here: {type(decode_error).__name__}: {decode_error}", direction="result",
+                index=index, key=frame.call.key_of(index), attempts=frame.attempts_of(0),
+                worker_pid=handle.pid)
+            error.__cause__ = decode_error
+            self._final_failure(frame.call, index, error)
+            return
+        cause = _rebuild_exception(records[0])
+        error = self._task_error(frame.call, frame, 0, handle, records[0], cause)
+        self._final_failure(frame.call, index, error)
+
+    def _function_failed(self, call: Call, handle: WorkerHandle, record: tuple[Any, ...]) -> None:
+        cause = _rebuild_exception(record)
+        error = TaskError(
+            f"the function could not be unpickled in worker pid {handle.pid}: "
+            f"{record[2]}: {record[3]}. Under spawn and forkserver, a function is "
+            "imported by module name unless it is defined in __main__, a lambda or a closure.",
+            worker_pid=handle.pid, remote_traceback=record[4])
+        error.__cause__ = cause
+        self._abort_call(call, error)
+
+    # -- failures and retries ------------------------------------------------------
+
+    def _task_failed(self, call: Call, frame: Frame, offset: int, error: TaskError,
+                     cause: BaseException) -> None:
+        """A task's attempt failed: retry it after its backoff, or give up."""
+        attempts = frame.attempts_of(offset)
+        index = frame.indices[offset]
+        if call.retry.should_retry(cause, attempts):
+            delay = call.retry.delay(attempts)
+            isolated = isinstance(error, WorkerCrashedError)
+            self.retry_order += 1
+            heapq.heappush(self.retries, (time.monotonic() + delay, self.retry_order, call,
+                                          (index, frame.tasks[offset], attempts, isolated)))
+            call.delayed += 1
+            if self.options.on_retry is not None:
+                self._callback(call, self.options.on_retry, self._task_ref(call, index),
+                               attempts + 1, cause, delay)
+            return
+        self._final_failure(call, index, error)
+
+    def _final_failure(self, call: Call, index: int, error: TaskError) -> None:
+        if self.options.on_error is not None:
+            self._callback(call, self.options.on_error, error)
+        if self.options.on_task_end is not None:
+            self._callback(call, self.options.on_task_end, self._task_ref(call, index), error)
+        if call.done:
+            return
+        if call.stop_on_error:
+            self._abort_call(call, error)
+        else:
+            call.sink.fail(index, error)
+
+    def _release_retries(self) -> None:
+        now = time.monotonic()
+        while self.retries and self.retries[0][0] <= now:
+            _, _, call, item = heapq.heappop(self.retries)
+            call.delayed -= 1
+            if not call.done:
+                call.pending.append(item)
+                self._make_ready(call)
+
+    def _requeue(self, call: Call, items: list[PendingTask]) -> None:
+        if items and not call.done:
+            call.requeue(items)
+            self._make_ready(call)
+
+    def _abort_call(self, call: Call, failure: BaseException | None) -> None:
+        """End a call now: skip its unstarted tasks, abandon running ones."""
+        if call.done:
+            return
+        call.done = True
+        self.region.cancel(call.id)
+        call.pending.clear()
+        self.active.pop(call.id, None)
+        now = time.monotonic()
+        for handle in self.workers:
+            if handle is not None and handle.frames and handle.frames[0].call is call:
+                handle.abandon_at = now + ABANDON_GRACE
+        if call.future is not None and failure is None:
+            call.future.cancel()
+        call.sink.finish(failure)
+
+    def _finish_if_done(self, call: Call) -> None:
+        if not call.done and call.finished():
+            call.done = True
+            self.active.pop(call.id, None)
+            call.sink.finish(None)
+
+    def _fail_all(self, failure: BaseException) -> None:
+        for call in list(self.active.values()):
+            self._abort_call(call, failure)
+
+    def _callback(self, call: Call, callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:
+            name = getattr(callback, "__name__", repr(callback))
+            error = CallbackError(f"callback {name} raised {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._abort_call(call, error)
+
+    def _describe(self, call: Call, index: int) -> str:
+        return describe_task(index, call.key_of(index), keyed=call.keys is not None)
+
+    def _task_ref(self, call: Call, index: int) -> Any:
+        return index if call.keys is None else call.keys[index]
+
+    # -- deadlines ----------------------------------------------------------------
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for call in list(self.active.values()):
+            if call.deadline is not None and now >= call.deadline:
+                from ._errors import CallTimeoutError
+                self._abort_call(call, CallTimeoutError(
+                    f"the call did not finish within timeout={call.timeout}s; "
+                    "its unstarted tasks were dropped and running ones abandoned"))
+            elif call.cancel is not None and call.cancel.is_set():
+                from ._errors import CallCancelledError
+                self._abort_call(call, CallCancelledError(
+                    "the call's cancel token was set; its unstarted tasks were dropped "
+                    "and running ones abandoned"))
+        now_ns = _dispatch.monotonic_ns()
+        for handle in self.workers:
+            if handle is None or handle.kill_reason is not None:
+                continue
+            if handle.abandon_at is not None:
+                if not handle.frames or not handle.frames[0].call.done:
+                    handle.abandon_at = None
+                elif now >= handle.abandon_at:
+                    self._kill(handle, ("abandon",))
+                    continue
+            self._check_task_timeout(handle, now_ns)
+
+    def _check_task_timeout(self, handle: WorkerHandle, now_ns: int) -> None:
+        if not handle.frames:
+            return
+        frame = handle.frames[0]
+        limit = frame.call.task_timeout
+        if limit is None:
+            return
+        phase, seq, offset, started = self.region.progress(handle.slot)
+        if phase == _dispatch.PHASE_RUNNING and seq == frame.seq and offset >= 0:
+            if now_ns - started > limit * 1e9:
+                self._kill(handle, ("timeout", seq, offset))
+
+    def _next_wakeup(self) -> float | None:
+        """Seconds until the engine must look again, None for never."""
+        now = time.monotonic()
+        times: list[float] = []
+        if self.retries:
+            times.append(self.retries[0][0])
+        if self.rate_wait_until > now:
+            times.append(self.rate_wait_until)
+        for call in self.active.values():
+            if call.deadline is not None:
+                times.append(call.deadline)
+            if call.cancel is not None:
+                times.append(now + POLL_INTERVAL)
+        for handle in self.workers:
+            if handle is None:
+                continue
+            if handle.abandon_at is not None:
+                times.append(handle.abandon_at)
+            if handle.frames and handle.frames[0].call.task_timeout is not None:
+                times.append(now + min(POLL_INTERVAL, handle.frames[0].call.task_timeout / 4))
+            if handle.stopping or handle.kill_reason is not None:
+                times.append(now + 0.1)
+        if not times:
+            return None
+        return max(0.0, min(times) - now)
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while self.ready:
+            handle = self._least_loaded_worker()
+            if handle is None:
+                return
+            call = self.ready.popleft()
+            call.in_ready_queue = False
+            if not call.has_work():
+                if not call.done and not call.exhausted and not call.pending:
+                    self.flow_blocked.append(call)
+                continue
+            sent = self._send_frame(handle, call)
+            if call.has_work():
+                self._make_ready(call)
+            elif not call.done and not call.exhausted:
+                self.flow_blocked.append(call)
+            if not sent:
+                # The ring was full or the limiter said wait: try later.
+                self._make_ready(call)
+                return
+
+    def _least_loaded_worker(self) -> WorkerHandle | None:
+        best: WorkerHandle | None = None
+        for handle in self.workers:
+            if handle is None or handle.stopping or handle.kill_reason is not None:
+                continue
+            if len(handle.frames) >= self._frames_allowed(handle):
+                continue
+            if best is None or len(handle.frames) < len(best.frames):
+                best = handle
+        return best
+
+    def _frames_allowed(self, handle: WorkerHandle) -> int:
+        if self.options.rate_limiter is not None:
+            # A released task must start at once for the rate to hold, so
+            # a worker takes a frame only when it has none.
+            return 1
+        if not handle.frames:
+            return 1
+        cost = self.costs.get(handle.frames[-1].call.fn_id)
+        if cost is None or cost[0] >= SLOW_TASK_NS:
+            return 1
+        return 2
+
+    def _batch_size(self, call: Call, handle: WorkerHandle) -> int:
+        if self.options.rate_limiter is not None:
+            return 1
+        cost = self.costs.get(call.fn_id)
+        if cost is None:
+            size = 1
+        else:
+            # Grow at most fourfold past the largest batch measured, so a
+            # slow function seen once as fast cannot flood one worker.
+            size = min(TARGET_FRAME_NS // cost[0], 4 * cost[1])
+        remaining = call.remaining()
+        if remaining is not None:
+            # Keep some of the input back so the tail spreads over workers.
+            size = min(size, math.ceil(remaining / (2 * self.options.workers)))
+        if call.flow_limit is not None:
+            size = min(size, max(1, call.flow_limit // (2 * self.options.workers)))
+        quota = self.options.max_tasks_per_worker
+        if quota is not None:
+            size = min(size, quota - handle.tasks_sent)
+        return max(1, min(size, MAX_BATCH))
+
+    def _send_frame(self, handle: WorkerHandle, call: Call) -> bool:
+        limiter = self.options.rate_limiter
+        if limiter is not None:
+            wait = limiter.try_acquire()
+            if wait > 0:
+                self.rate_wait_until = time.monotonic() + wait
+                return False
+        try:
+            indices, tasks, attempts, isolated = call.take(self._batch_size(call, handle))
+        except Exception as exc:
+            error = TaskError(f"reading the input raised {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._abort_call(call, error)
+            return True
+        if not tasks:
+            self._finish_if_done(call)
+            return True
+        if call.future is not None and not call.future_started:
+            call.future_started = True
+            if not call.future.set_running_or_notify_cancel():
+                self._abort_call(call, None)
+                return True
+        frame = Frame(self.seq + 1, call, indices, tasks, attempts, isolated, None)
+        parts = self._encode_frame(handle, frame)
+        if parts is None:
+            return True
+        fn_known = call.fn_id in handle.known_functions
+        fn_part = b"" if fn_known else call.fn_blob
+        flags = proto.FLAG_STOP_ON_ERROR if call.stop_on_error and call.retry.max_attempts == 1 else 0
+        header = proto.TASK_HEADER.pack(call.id, call.fn_id, len(fn_part), call.mode, flags)
+        pushed = self.region.push(handle.slot, _dispatch.TASKS, proto.TASKS, frame.seq,
+                                  [header, fn_part, *parts])
+        if not pushed:
+            if frame.spill is not None:
+                frame.spill.close()
+            call.requeue(frame.pending(range(len(tasks)), isolated))
+            return False
+        self.seq = frame.seq
+        if pushed == 2:
+            os.eventfd_write(handle.doorbell, 1)
+        self._remember_function(handle, call.fn_id, fn_known)
+        handle.frames.append(frame)
+        handle.tasks_sent += len(tasks)
+        call.in_flight += len(tasks)
+        self._after_send(handle, call, frame)
+        return True
+
+    def _after_send(self, handle: WorkerHandle, call: Call, frame: Frame) -> None:
+        quota = self.options.max_tasks_per_worker
+        if quota is not None and handle.tasks_sent >= quota:
+            # Recycling: the worker finishes this frame, then exits cleanly;
+            # its replacement starts when it is gone.
+            self._send_stop(handle)
+        if self.options.on_task_start is not None:
+            for index in frame.indices:
+                self._callback(call, self.options.on_task_start, self._task_ref(call, index))
+
+    def _remember_function(self, handle: WorkerHandle, fn_id: int, known: bool) -> None:
+        # Mirrors the worker's cache exactly (same size, same order of use),
+        # so the parent knows when the worker has evicted a function.
+        known_functions = handle.known_functions
+        if known:
+            known_functions.move_to_end(fn_id)
+            return
+        known_functions[fn_id] = None
+        if len(known_functions) > proto.FUNCTION_CACHE_SIZE:
+            known_functions.popitem(last=False)
+
+    def _encode_frame(self, handle: WorkerHandle, frame: Frame) -> list[Any] | None:
+        """Encode a frame's tasks; tasks that cannot be pickled fail alone.
+
+        Returns the envelope parts, or None when nothing is left to send.
+        """
+        chunk = list(frame.tasks) if frame.tasks is not None else []
+        _codec.mark_large_bytes(chunk)
+        try:
+            parts, frame.spill = _codec.encode(chunk, self.inline_limit)
+            return parts
+        except Exception:
+            pass
+        call = frame.call
+        good: list[PendingTask] = []
+        for offset, task in enumerate(frame.tasks):
+            try:
+                _codec.dumps(task, [])
+            except Exception as exc:
+                index = frame.indices[offset]
+                error = TaskSerializationError(
+                    f"{self._describe(call, index)}: its argument cannot be pickled to "
+                    f"travel to a worker: {type(exc).__name__}: {exc}", direction="task",
+                    index=index, key=call.key_of(index), attempts=frame.attempts_of(offset) - 1)
+                error.__cause__ = exc
+                self._final_failure(call, index, error)
+            else:
+                good.extend(frame.pending([offset]))
+        self._requeue(call, good)
+        self._finish_if_done(call)
+        return None
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _wait(self) -> None:
+        active_slots = [h.slot for h in self.workers if h is not None]
+        if self.region.parent_prepare_sleep(active_slots):
+            return
+        timeout = self._next_wakeup()
+        try:
+            events = self.poller.poll(None if timeout is None else math.ceil(timeout * 1000))
+        finally:
+            self.region.parent_awake()
+        for fd, _ in events:
+            if fd == self.wakeup or fd == self.result_doorbell:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+            else:
+                handle = self.sentinels.get(fd)
+                if handle is not None:
+                    self._worker_exited(handle)
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        for handle in self.workers:
+            if handle is not None:
+                self._kill(handle, ("shutdown",))
+        for handle in self.workers:
+            if handle is None:
+                continue
+            handle.process.join(5)
+            for frame in handle.frames:
+                if frame.spill is not None:
+                    frame.spill.close()
+            os.close(handle.doorbell)
+        self.workers = [None] * self.options.workers
+        self._fail_all(PoolClosedError("the pool was shut down"))
+        for _, _, call, _ in self.retries:
+            if not call.done:
+                self._abort_call(call, PoolClosedError("the pool was shut down"))
+        self.retries.clear()
+        try:
+            self.region.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with the object
+        for fd in (self.region_fd, self.result_doorbell, self.wakeup):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _live_engines.discard(self)
+        self.stopped.set()
+
+
+def _logging_levels() -> dict[str, int]:
+    """Levels set on the parent's loggers, for workers to apply: a record
+    the parent would drop is not worth sending."""
+    levels = {"": logging.getLogger().level}
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def _emit_worker_log(fields: dict[str, Any]) -> None:
+    record = logging.makeLogRecord(fields)
+    record.processName = f"poolme-worker-{fields.get('worker_slot')}"
+    logger = logging.getLogger(record.name)
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)
+
+
+def _rebuild_exception(record: tuple[Any, ...]) -> BaseException:
+    """The worker's exception if it can be rebuilt here, else a stand-in."""
+    _, blob, type_name, message, text, _ = record
+    if blob is not None:
+        try:
+            exc = cloudpickle.loads(blob)
+            if isinstance(exc, BaseException):
+                return exc
+        except BaseException:
+            pass
+    return RemoteError(type_name, message, text)
+
+
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def terminate_all() -> None:
+    """At interpreter exit: end every pool at once, quietly."""
+    engines = list(_live_engines)
+    for engine in engines:
+        engine.terminate()
+    for engine in engines:
+        if not engine.join(3.0):
+            for handle in list(engine.workers):
+                if handle is not None:
+                    engine._kill(handle, ("exit",))

@@ -1,0 +1,122 @@
+"""Retry policy and rate limiting: the pure decision logic, no processes."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+RetryOn = tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how often a failed task runs again.
+
+    The k-th retry waits min(initial_delay * multiplier ** (k - 1),
+    max_delay) seconds, scaled by a random factor in [1 - jitter,
+    1 + jitter].  retry_on is a tuple of exception types or a predicate; it
+    sees the task's own exception, or WorkerCrashedError / TaskTimeoutError
+    when the worker died or the task overran.
+    """
+
+    max_attempts: int = 1
+    initial_delay: float = 0.1
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.0
+    retry_on: RetryOn = (Exception,)
+
+    def __post_init__(self) -> None:
+        check_int("max_attempts", self.max_attempts, minimum=1)
+        check_number("initial_delay", self.initial_delay, minimum=0.0)
+        check_number("max_delay", self.max_delay, minimum=0.0)
+        check_number("multiplier", self.multiplier, minimum=1.0)
+        check_number("jitter", self.jitter, minimum=0.0)
+        if self.jitter > 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        if not callable(self.retry_on) and not (
+            isinstance(self.retry_on, tuple)
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on)
+        ):
+            raise TypeError(
+                "retry_on must be a tuple of exception types or a predicate, "
+                f"got {self.retry_on!r}")
+
+    def should_retry(self, exc: BaseException, attempts: int) -> bool:
+        """True if a task that failed with exc after attempts runs goes again."""
+        if attempts >= self.max_attempts:
+            return False
+        if isinstance(self.retry_on, tuple):
+            return isinstance(exc, self.retry_on)
+        return bool(self.retry_on(exc))
+
+    def delay(self, retry_number: int) -> float:
+        """Seconds to wait before the retry_number-th retry (1-based)."""
+        base = min(self.initial_delay * self.multiplier ** (retry_number - 1), self.max_delay)
+        if self.jitter:
+            base *= random.uniform(1 - self.jitter, 1 + self.jitter)
+        return max(base, 0.0)
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """What a pool needs of a rate limiter; share one object between pools
+    to limit them together.
+
+    try_acquire() is called each time a task is about to be released to a
+    worker.  It returns 0.0 and takes a permit when the task may start now,
+    or the number of seconds after which a permit may be available (taking
+    nothing).  It must be thread-safe and must not block.
+    """
+
+    def try_acquire(self) -> float: ...
+
+
+class TokenBucket:
+    """A token bucket: rate permits per second, at most burst saved up.
+
+    Over any interval of t seconds at most burst + rate * t permits are
+    granted, so no one-second window sees more than rate + burst starts.
+    """
+
+    def __init__(self, rate: float, burst: int = 1) -> None:
+        check_number("rate", rate, minimum=0.0)
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate!r}")
+        check_int("burst", burst, minimum=1)
+        self.rate = float(rate)
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+        # Several pools (each with its own engine thread) may share one
+        # bucket, so the refill-and-take must be atomic.
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+            self._updated = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self.rate
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    """Raise a TypeError/ValueError naming the argument when value is bad."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: object, *, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value != value or value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")

@@ -1,0 +1,517 @@
+"""WorkerPool, the public face of poolme_mp.
+
+Every method turns its arguments into a Call, hands it to the pool's
+engine thread (see _engine) and waits on the call's sink.  Waits are short
+timed waits in a loop, so Ctrl-C is seen within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+import sys
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from . import _codec, _dispatch
+from ._calls import Call, Failure, FutureSink, ListSink, StreamSink
+from ._engine import Engine, EngineOptions, terminate_all
+from ._errors import CallCancelledError, PoolClosedError, PoolError, TaskError, TaskErrorGroup
+from ._policies import RateLimiter, RetryOn, RetryPolicy, TokenBucket, check_int, check_number
+
+T = TypeVar("T")
+R = TypeVar("R")
+K = TypeVar("K", bound=Hashable)
+P = ParamSpec("P")
+
+DEFAULT_RING_SIZE = 4 * 1024 * 1024
+DEFAULT_BUFFER_SIZE = 65_536
+_WAIT_SLICE = 0.1
+
+
+class UnpicklableFunctionError(PoolError, TypeError):
+    """The function given to a call cannot be pickled, even by value."""
+
+
+def default_start_method() -> str:
+    """forkserver where the platform has it, else spawn: both are safe when
+    the parent runs threads, which fork is not."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def usable_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class WorkerPool(concurrent.futures.Executor):
+    """A pool of worker processes for CPU-bound work.
+
+    Use it as a context manager, or call start() and shutdown().  Options
+    set here apply to every call; process, process_map and process_stream
+    accept per-call overrides.
+
+    workers: number of processes (default: usable CPU count).
+    buffer_size: most tasks read ahead of the consumer by process_stream
+        and map (default 65536).
+    start_method: "forkserver" (default where available), "spawn" or
+        "fork" (fork is unsafe when the parent runs threads).
+    continue_on_error: run every task and report all failures at the end
+        in a TaskErrorGroup, instead of raising at the first.
+    max_attempts, initial_delay, max_delay, multiplier, jitter, retry_on:
+        the retry policy (see RetryPolicy); or pass retry=RetryPolicy(...).
+    task_timeout: seconds a single task may run before it fails with
+        TaskTimeoutError and its worker is replaced.
+    rate_limit, burst: most task starts per second across all workers, with
+        up to burst saved up; or rate_limiter= any RateLimiter, shareable
+        between pools.
+    max_tasks_per_worker: replace a worker after this many tasks.
+    on_worker_start, on_worker_stop: run in each worker when it starts and
+        before it exits cleanly (per-worker setup and teardown).
+    on_task_start(task), on_task_end(task, outcome), on_error(error),
+        on_retry(task, attempt, exception, delay): parent-side callbacks;
+        task is the index (the key in process_map).
+    ring_size: bytes of each shared-memory ring (a power of two).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        buffer_size: int | None = None,
+        start_method: str | None = None,
+        continue_on_error: bool = False,
+        max_attempts: int = 1,
+        initial_delay: float = 0.1,
+        max_delay: float = 30.0,
+        multiplier: float = 2.0,
+        jitter: float = 0.0,
+        retry_on: RetryOn = (Exception,),
+        retry: RetryPolicy | None = None,
+        task_timeout: float | None = None,
+        rate_limit: float | None = None,
+        burst: int = 1,
+        rate_limiter: RateLimiter | None = None,
+        max_tasks_per_worker: int | None = None,
+        on_worker_start: Callable[[], Any] | None = None,
+        on_worker_stop: Callable[[], Any] | None = None,
+        on_task_start: Callable[[Any], Any] | None = None,
+        on_task_end: Callable[[Any, Any], Any] | None = None,
+        on_error: Callable[[TaskError], Any] | None = None,
+        on_retry: Callable[[Any, int, BaseException, float], Any] | None = None,
+        ring_size: int = DEFAULT_RING_SIZE,
+    ) -> None:
+        workers = usable_cpu_count() if workers is None else workers
+        check_int("workers", workers, minimum=1)
+        buffer_size = DEFAULT_BUFFER_SIZE if buffer_size is None else buffer_size
+        check_int("buffer_size", buffer_size, minimum=1)
+        start_method = default_start_method() if start_method is None else start_method
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
+                f"got {start_method!r}")
+        if retry is None:
+            retry = RetryPolicy(max_attempts, initial_delay, max_delay, multiplier, jitter, retry_on)
+        elif not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+        _check_timeout("task_timeout", task_timeout)
+        if rate_limit is not None and rate_limiter is not None:
+            raise ValueError("rate_limit and rate_limiter are exclusive: pass one")
+        if rate_limit is not None:
+            rate_limiter = TokenBucket(rate_limit, burst)
+        elif rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
+            raise TypeError(f"rate_limiter must have a try_acquire() method, got {rate_limiter!r}")
+        if max_tasks_per_worker is not None:
+            check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        check_int("ring_size", ring_size, minimum=65536)
+        if ring_size & (ring_size - 1):
+            raise ValueError(f"ring_size must be a power of two, got {ring_size}")
+        for name, hook in [("on_worker_start", on_worker_start), ("on_worker_stop", on_worker_stop),
+                           ("on_task_start", on_task_start), ("on_task_end", on_task_end),
+                           ("on_error", on_error), ("on_retry", on_retry)]:
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable, got {hook!r}")
+        self.workers = workers
+        self.buffer_size = buffer_size
+        self.start_method = start_method
+        self.continue_on_error = bool(continue_on_error)
+        self.retry = retry
+        self.task_timeout = task_timeout
+        self._options = EngineOptions(
+            workers=workers, start_method=start_method, ring_bytes=ring_size,
+            task_timeout=task_timeout, rate_limiter=rate_limiter,
+            max_tasks_per_worker=max_tasks_per_worker,
+            on_worker_start=on_worker_start, on_worker_stop=on_worker_stop,
+            on_task_start=on_task_start, on_task_end=on_task_end,
+            on_error=on_error, on_retry=on_retry)
+        self._engine: Engine | None = None
+        self._shut_down = False
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> WorkerPool:
+        """Start the workers (done on first use if not called)."""
+        self._running_engine()
+        return self
+
+    def _running_engine(self) -> Engine:
+        with self._lock:
+            if self._shut_down:
+                raise PoolClosedError("the pool is shut down; it accepts no more work")
+            if self._engine is None:
+                engine = Engine(self._options)
+                engine.start()
+                self._engine = engine
+                # A pool dropped without shutdown still stops its workers.
+                self._finalizer = weakref.finalize(self, engine.close)
+            return self._engine
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; finish what was submitted, then stop workers.
+
+        cancel_futures=True cancels submitted futures that have not started.
+        wait=False returns at once; the workers stop in the background.
+        """
+        with self._lock:
+            self._shut_down = True
+            engine = self._engine
+        if engine is None:
+            return
+        engine.close(cancel_futures)
+        if wait:
+            _wait_interruptibly(lambda t: engine.join(t), engine.terminate)
+
+    def terminate(self) -> None:
+        """Stop at once: fail unfinished calls and kill the workers."""
+        with self._lock:
+            self._shut_down = True
+            engine = self._engine
+        if engine is not None:
+            engine.terminate()
+            engine.join(10)
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            # Leaving on an error or Ctrl-C: do not wait for running work.
+            self.terminate()
+
+    # -- calls -------------------------------------------------------------
+
+    def _call(self, fn: Any, tasks: Any, *, mode: int, sink: Any, length: int | None,
+              retry: RetryPolicy | None, continue_on_error: bool | None, return_exceptions: bool,
+              timeout: float | None, cancel: threading.Event | None,
+              keys: Any = None, flow_limit: int | None = None,
+              future: concurrent.futures.Future[Any] | None = None) -> Call:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        _check_timeout("timeout", timeout)
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise TypeError(f"cancel must be a threading.Event, got {cancel!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+        try:
+            fn_blob = _codec.dumps_function(fn)
+        except Exception as exc:
+            raise UnpicklableFunctionError(
+                f"fn cannot be pickled to reach the workers: {type(exc).__name__}: {exc}. "
+                "It may hold a lock, an open file or a socket in a closure or default "
+                "argument; create such objects inside the task or in on_worker_start.") from exc
+        keep_going = self.continue_on_error if continue_on_error is None else continue_on_error
+        return Call(
+            fn_blob=fn_blob, mode=mode, tasks=tasks, length=length, sink=sink,
+            retry=retry or self.retry, stop_on_error=not (keep_going or return_exceptions),
+            task_timeout=self.task_timeout, timeout=timeout, cancel=cancel, keys=keys,
+            flow_limit=flow_limit, future=future)
+
+    def _run_batch(self, call: Call, sink: ListSink) -> list[Any]:
+        engine = self._running_engine()
+        engine.submit(call)
+        _wait_interruptibly(sink.wait, lambda: engine.abort(
+            call, CallCancelledError("interrupted by KeyboardInterrupt")))
+        return sink.outcome()
+
+    @overload
+    def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
+                return_exceptions: Literal[False] = ..., continue_on_error: bool | None = ...,
+                retry: RetryPolicy | None = ..., timeout: float | None = ...,
+                cancel: threading.Event | None = ..., progress: bool = ...) -> list[R]: ...
+
+    @overload
+    def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
+                return_exceptions: Literal[True], continue_on_error: bool | None = ...,
+                retry: RetryPolicy | None = ..., timeout: float | None = ...,
+                cancel: threading.Event | None = ...,
+                progress: bool = ...) -> list[R | TaskError]: ...
+
+    def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
+                return_exceptions: bool = False, continue_on_error: bool | None = None,
+                retry: RetryPolicy | None = None, timeout: float | None = None,
+                cancel: threading.Event | None = None,
+                progress: bool = False) -> list[R] | list[R | TaskError]:
+        """Run fn on every task; results in input order.
+
+        By default the first failure raises TaskError and no further tasks
+        start.  With continue_on_error every task runs and failures are
+        raised together as a TaskErrorGroup (whose .results has every
+        success in its place).  With return_exceptions the list holds a
+        TaskError in place of each failure and nothing is raised for them.
+        """
+        tasks = _check_iterable("tasks", tasks)
+        length = _length_of(tasks)
+        sink = ListSink(length, return_exceptions=return_exceptions,
+                        progress=_progress_bar(progress, length))
+        call = self._call(fn, tasks, mode=_dispatch.MODE_MAP, sink=sink, length=length,
+                          retry=retry, continue_on_error=continue_on_error,
+                          return_exceptions=return_exceptions, timeout=timeout, cancel=cancel)
+        return self._run_batch(call, sink)
+
+    def process_map(self, fn: Callable[[T], R], mapping: Mapping[K, T] | Iterable[tuple[K, T]], *,
+                    return_exceptions: bool = False, continue_on_error: bool | None = None,
+                    retry: RetryPolicy | None = None, timeout: float | None = None,
+                    cancel: threading.Event | None = None,
+                    progress: bool = False) -> dict[K, R]:
+        """Run fn on every value; a dict with the same keys, in the same
+        order.  Errors follow process(); a TaskError names its key."""
+        if isinstance(mapping, Mapping):
+            keys, values = list(mapping.keys()), list(mapping.values())
+        else:
+            pairs = list(_check_iterable("mapping", mapping))
+            if any(not isinstance(p, tuple) or len(p) != 2 for p in pairs):
+                raise TypeError("mapping must be a Mapping or an iterable of (key, value) pairs")
+            keys, values = [k for k, _ in pairs], [v for _, v in pairs]
+        sink = ListSink(len(values), return_exceptions=return_exceptions,
+                        progress=_progress_bar(progress, len(values)))
+        call = self._call(fn, values, mode=_dispatch.MODE_MAP, sink=sink, length=len(values),
+                          retry=retry, continue_on_error=continue_on_error,
+                          return_exceptions=return_exceptions, timeout=timeout, cancel=cancel,
+                          keys=keys)
+        try:
+            results = self._run_batch(call, sink)
+        except TaskErrorGroup as group:
+            group.results = dict(zip(keys, group.results))
+            raise
+        return dict(zip(keys, results))
+
+    def process_stream(self, fn: Callable[[T], R], tasks: Iterable[T], *, ordered: bool = True,
+                       return_exceptions: bool = False, continue_on_error: bool | None = None,
+                       retry: RetryPolicy | None = None, timeout: float | None = None,
+                       cancel: threading.Event | None = None, progress: bool = False,
+                       buffer_size: int | None = None) -> ResultStream[R]:
+        """Run fn over tasks read lazily; an iterator of results.
+
+        At most buffer_size tasks are read ahead of the consumer.  ordered=
+        False yields results as they complete.  Closing the iterator early
+        (break, close(), an exception) stops reading and drops the work.
+        """
+        tasks = _check_iterable("tasks", tasks)
+        limit = self.buffer_size if buffer_size is None else buffer_size
+        check_int("buffer_size", limit, minimum=1)
+        length = _length_of(tasks)
+        engine = self._running_engine()
+        sink = StreamSink(ordered=ordered, return_exceptions=return_exceptions,
+                          progress=_progress_bar(progress, length))
+        call = self._call(fn, tasks, mode=_dispatch.MODE_MAP, sink=sink, length=length,
+                          retry=retry, continue_on_error=continue_on_error,
+                          return_exceptions=return_exceptions, timeout=timeout, cancel=cancel,
+                          flow_limit=limit)
+        sink.on_consumed = _flow_waker(engine, call)
+        engine.submit(call)
+        return ResultStream(engine, call, sink)
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
+        """Run fn(*args, **kwargs) in a worker; a concurrent.futures.Future.
+
+        A failure sets the future's exception to a TaskError whose
+        __cause__ is the original exception.
+        """
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        call = self._call(fn, [(args, kwargs)], mode=_dispatch.MODE_APPLY,
+                          sink=FutureSink(future), length=1, retry=None, continue_on_error=None,
+                          return_exceptions=False, timeout=None, cancel=None, future=future)
+        self._running_engine().submit(call)
+        return future
+
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[R]:
+        """Executor.map: fn over zipped iterables, lazily, in order.
+
+        timeout bounds the whole map from this call on.  chunksize is
+        accepted for compatibility; batching adapts to task time anyway.
+        """
+        check_int("chunksize", chunksize, minimum=1)
+        for position, iterable in enumerate(iterables):
+            _check_iterable(f"iterables[{position}]", iterable)
+        _check_timeout("timeout", timeout)
+        engine = self._running_engine()
+        sink = StreamSink(ordered=True, return_exceptions=False)
+        call = self._call(fn, zip(*iterables), mode=_dispatch.MODE_STAR, sink=sink, length=None,
+                          retry=None, continue_on_error=False, return_exceptions=False,
+                          timeout=timeout, cancel=None, flow_limit=self.buffer_size)
+        sink.on_consumed = _flow_waker(engine, call)
+        engine.submit(call)
+        return ResultStream(engine, call, sink)
+
+    # -- asyncio -------------------------------------------------------------
+
+    async def aprocess(self, fn: Callable[[T], R], tasks: Iterable[T], **options: Any) -> list[R]:
+        """process() for asyncio; cancelling the awaiting task cancels the work."""
+        loop = asyncio.get_running_loop()
+        token = threading.Event()
+        work = loop.run_in_executor(None, functools.partial(self.process, fn, tasks, cancel=token, **options))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            token.set()
+            raise
+
+    async def aprocess_stream(self, fn: Callable[[T], R], tasks: Iterable[T],
+                              **options: Any) -> AsyncIterator[R]:
+        """process_stream() for asyncio: ``async for result in ...``."""
+        loop = asyncio.get_running_loop()
+        stream = self.process_stream(fn, tasks, **options)
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, stream._next_chunk_or_none)
+                if chunk is None:
+                    return
+                for value in chunk:
+                    yield value
+        finally:
+            stream.close()
+
+
+class ResultStream(Iterator[R]):
+    """The iterator returned by process_stream and map."""
+
+    def __init__(self, engine: Engine, call: Call, sink: StreamSink) -> None:
+        self._engine = engine
+        self._call = call
+        self._sink = sink
+        self._chunk: Iterator[Any] = iter(())
+        self._closed = False
+        self._errors: list[TaskError] = []
+
+    def __iter__(self) -> ResultStream[R]:
+        return self
+
+    def __next__(self) -> R:
+        while True:
+            for value in self._chunk:
+                if type(value) is Failure:
+                    if self._sink.return_exceptions:
+                        return value.error  # type: ignore[return-value]
+                    self._errors.append(value.error)
+                    continue
+                return value  # type: ignore[no-any-return]
+            chunk = self._next_chunk_or_none()
+            if chunk is None:
+                if self._errors:
+                    errors, self._errors = self._errors, []
+                    raise TaskErrorGroup(f"{len(errors)} tasks failed", errors)
+                raise StopIteration
+            self._chunk = iter(chunk)
+
+    def _next_chunk_or_none(self) -> list[Any] | None:
+        if self._closed:
+            return None
+        box: list[list[Any] | None] = []
+
+        def take(poll: float) -> bool:
+            box.append(self._sink.next_chunk(poll))
+            return True
+
+        try:
+            _wait_interruptibly(take, self.close)
+        except BaseException:
+            self._closed = True
+            raise
+        chunk = box[0]
+        if chunk is None:
+            self._closed = True
+        return chunk
+
+    def close(self) -> None:
+        """Stop the stream: read no more input, drop work in flight."""
+        if not self._closed:
+            self._closed = True
+            if not self._sink.finished:
+                self._engine.abort(self._call, None)
+
+    def __enter__(self) -> ResultStream[R]:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _flow_waker(engine: Engine, call: Call) -> Callable[[], None]:
+    def wake_if_blocked() -> None:
+        # The engine stops reading a stream's input while buffer_size tasks
+        # are out; tell it when the consumer has made room.
+        if call.flow_limit is not None and call.next_index - call.sink.consumed < call.flow_limit:
+            engine.wake()
+    return wake_if_blocked
+
+
+def _wait_interruptibly(wait: Callable[[float], bool], on_interrupt: Callable[[], None]) -> None:
+    """Wait in short slices so a signal handler runs promptly; on Ctrl-C,
+    stop the work before the KeyboardInterrupt goes on up."""
+    try:
+        while not wait(_WAIT_SLICE):
+            pass
+    except KeyboardInterrupt:
+        on_interrupt()
+        raise
+
+
+def _check_iterable(name: str, value: Any) -> Any:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be an iterable of tasks, got {type(value).__name__}: {value!r:.80}")
+    return value
+
+
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None:
+        check_number(name, value, minimum=0.0)
+
+
+def _length_of(tasks: Any) -> int | None:
+    if isinstance(tasks, Iterator):
+        return None
+    try:
+        return len(tasks)
+    except TypeError:
+        return None
+
+
+def _progress_bar(progress: bool, total: int | None) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="task", file=sys.stderr, mininterval=0.2)
+
+
+atexit.register(terminate_all)

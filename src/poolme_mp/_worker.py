@@ -1,0 +1,360 @@
+"""The worker process: take task frames, run them, send result frames.
+
+    start:  own process group, watch the owner, map the segment, run
+            on_worker_start, send READY
+    loop:   peek a frame (sleep on the doorbell when there is none)
+            TASKS -> decode, run, encode, push RESULTS
+            STOP  -> run on_worker_stop, exit 0
+
+Everything a task does to the process (a crash, os._exit, a signal) is
+seen by the parent through the process sentinel and the control block,
+which says which frame and which task were running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from typing import Any
+
+import cloudpickle
+
+from . import _codec, _dispatch
+from . import _protocol as proto
+
+_log = logging.getLogger("poolme_mp.worker")
+
+
+class InheritedFd:
+    """A file descriptor handed to a worker under any start method.
+
+    Under fork the number is simply inherited.  Under spawn and forkserver
+    the Process arguments are pickled while multiprocessing prepares the
+    child, and DupFd arranges for the descriptor to be passed along.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Any:
+        return _rebuild_inherited_fd, (reduction.DupFd(self.fd),)
+
+
+def _rebuild_inherited_fd(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs, picklable for spawn and forkserver."""
+
+    slot: int
+    n_slots: int
+    ring_bytes: int
+    region: InheritedFd
+    doorbell: InheritedFd
+    result_doorbell: InheritedFd
+    owner_pid: int
+    on_worker_start: bytes | None = None
+    on_worker_stop: bytes | None = None
+    log_levels: dict[str, int] = field(default_factory=dict)
+    max_tasks: int = 0
+
+
+def error_record(offset: int, exc: BaseException, direction: str | None = None) -> tuple[Any, ...]:
+    """Describe an exception so that the parent can rebuild or stand in for it."""
+    try:
+        blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
+    except BaseException:
+        blob = None
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kind = type(exc)
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() of the exception failed>"
+    return (offset, blob, f"{kind.__module__}.{kind.__qualname__}", message, text, direction)
+
+
+class _FunctionLoadFailure:
+    """Stands in the function cache for a function that failed to unpickle,
+    so every frame naming it fails the same way."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Worker:
+    """State of one worker process around its frame loop."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.slot = config.slot
+        self.region = _dispatch.SharedRegion(config.region.fd, config.n_slots, config.ring_bytes, False)
+        self.doorbell = config.doorbell.fd
+        self.result_doorbell = config.result_doorbell.fd
+        self.functions: OrderedDict[int, Any] = OrderedDict()
+        # Result spills waiting for the parent to map them: (seq, spill).
+        self.unacked_spills: deque[tuple[int, _codec.Spill]] = deque()
+        self.tasks_done = 0
+
+    # -- sending --------------------------------------------------------
+
+    def push(self, kind: int, seq: int, parts: list[Any]) -> None:
+        """Push a result-ring frame, waiting for room if the ring is full."""
+        pause = 0.00005
+        while True:
+            pushed = self.region.push(self.slot, _dispatch.RESULTS, kind, seq, parts)
+            if pushed:
+                if pushed == 2:
+                    os.eventfd_write(self.result_doorbell, 1)
+                return
+            # The parent drains result rings continuously, so a full ring
+            # is brief; back off instead of adding a second doorbell.
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+    def release_acked_spills(self) -> None:
+        acked = self.region.spill_ack(self.slot)
+        while self.unacked_spills and self.unacked_spills[0][0] <= acked:
+            self.unacked_spills.popleft()[1].close()
+
+    # -- the loop -----------------------------------------------------------
+
+    def serve(self) -> None:
+        region, slot = self.region, self.slot
+        while True:
+            frame = region.peek(slot, _dispatch.TASKS)
+            if frame is None:
+                self.release_acked_spills()
+                self.sleep()
+                continue
+            kind, seq, payload, frame_bytes = frame
+            if kind == proto.STOP:
+                region.consume(slot, _dispatch.TASKS, frame_bytes)
+                return
+            region.set_phase(slot, _dispatch.PHASE_DECODING, seq)
+            header = proto.TASK_HEADER.unpack_from(payload, 0)
+            call_id, fn_id, fn_len, mode, flags = header
+            start = proto.TASK_HEADER.size
+            fn = self.function(fn_id, payload[start:start + fn_len] if fn_len else None)
+            try:
+                tasks = _codec.decode(payload[start + fn_len:], writable=False)
+                decode_error = None
+            except BaseException as exc:
+                tasks, decode_error = None, exc
+            del payload
+            # Decoding copied what it needs, so the ring space can go back
+            # to the parent before the tasks run.
+            region.consume(slot, _dispatch.TASKS, frame_bytes)
+            self.run_frame(seq, call_id, fn, mode, flags, tasks, decode_error)
+
+    def sleep(self) -> None:
+        if self.region.worker_prepare_sleep(self.slot):
+            return
+        try:
+            # The timeout is a safety net only; every push of a frame to a
+            # sleeping worker rings the doorbell.
+            ready, _, _ = select.select([self.doorbell], [], [], 1.0)
+            if ready:
+                os.eventfd_read(self.doorbell)
+        finally:
+            self.region.worker_awake(self.slot)
+
+    def function(self, fn_id: int, blob: Any) -> Any:
+        """The function of fn_id, unpickling it when it comes with the frame."""
+        if blob is not None:
+            try:
+                fn: Any = cloudpickle.loads(blob)
+            except BaseException as exc:
+                fn = _FunctionLoadFailure(exc)
+            self.functions[fn_id] = fn
+            if len(self.functions) > proto.FUNCTION_CACHE_SIZE:
+                self.functions.popitem(last=False)
+            return fn
+        self.functions.move_to_end(fn_id)
+        return self.functions[fn_id]
+
+    def run_frame(self, seq: int, call_id: int, fn: Any, mode: int, flags: int,
+                  tasks: list[Any] | None, decode_error: BaseException | None) -> None:
+        region, slot = self.region, self.slot
+        if isinstance(fn, _FunctionLoadFailure):
+            self.send_results(seq, call_id, 0, -1, proto.STATUS_FUNCTION_FAILED, None,
+                              [error_record(0, fn.exc, "task")])
+            return
+        if decode_error is not None or tasks is None:
+            error = decode_error if decode_error is not None else ValueError("empty frame")
+            self.send_results(seq, call_id, 0, -1, proto.STATUS_DECODE_FAILED, None,
+                              [error_record(0, error, "task")])
+            return
+        region.set_phase(slot, _dispatch.PHASE_RUNNING, seq)
+        stop_on_error = bool(flags & proto.FLAG_STOP_ON_ERROR)
+        results, failures, stopped_at, elapsed = region.run_tasks(
+            slot, fn, mode, tasks, call_id, stop_on_error)
+        del tasks
+        region.set_phase(slot, _dispatch.PHASE_ENCODING, seq)
+        errors = [error_record(offset, exc) for offset, exc in failures]
+        del failures
+        self.send_results(seq, call_id, elapsed, stopped_at, proto.STATUS_OK, results, errors)
+        region.set_phase(slot, _dispatch.PHASE_IDLE, seq)
+        flush_standard_streams()
+
+    def send_results(self, seq: int, call_id: int, elapsed: int, stopped_at: int, status: int,
+                     results: list[Any] | None, errors: list[tuple[Any, ...]]) -> None:
+        inline_limit = self.region.max_payload() // 2
+        spill = None
+        if results is None:
+            parts: list[Any] = []
+        else:
+            parts, spill = self.encode_results(results, errors, inline_limit)
+        error_blob = _codec.dumps(errors, []) if errors else b""
+        envelope_len = sum(memoryview(p).nbytes for p in parts)
+        header = proto.RESULT_HEADER.pack(call_id, elapsed, stopped_at, status, envelope_len)
+        self.release_acked_spills()
+        self.push(proto.RESULTS, seq, [header, *parts, error_blob])
+        if spill is not None:
+            self.unacked_spills.append((seq, spill))
+
+    def encode_results(self, results: list[Any], errors: list[tuple[Any, ...]],
+                       inline_limit: int) -> tuple[list[Any], _codec.Spill | None]:
+        """Encode the results; a result that cannot be pickled becomes an
+        error of its own task and the others still go through."""
+        _codec.mark_large_bytes(results)
+        try:
+            return _codec.encode(results, inline_limit)
+        except BaseException:
+            pass
+        failed = {record[0] for record in errors}
+        for offset, result in enumerate(results):
+            if offset in failed:
+                continue
+            try:
+                _codec.dumps(result, [])
+            except BaseException as exc:
+                results[offset] = None
+                errors.append(error_record(offset, exc, "result"))
+        errors.sort(key=lambda record: record[0])
+        return _codec.encode(results, inline_limit)
+
+    def run_hook(self, blob: bytes | None) -> BaseException | None:
+        if blob is None:
+            return None
+        try:
+            cloudpickle.loads(blob)()
+        except BaseException as exc:
+            return exc
+        return None
+
+
+def flush_standard_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+class _ForwardToParent(logging.Handler):
+    """Sends each log record to the parent, whose handlers emit it."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = dict(record.__dict__)
+            fields["msg"] = record.getMessage()
+            fields["args"] = None
+            if record.exc_info:
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            fields["exc_info"] = None
+            fields["worker_slot"] = self.worker.slot
+            fields["worker_pid"] = os.getpid()
+            blob = _codec.dumps(fields, [])
+            self.worker.push(proto.LOG, 0, [blob])
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(worker: Worker, levels: dict[str, int]) -> None:
+    # Handlers inherited through fork would emit in the worker as well as
+    # in the parent; the parent's handlers are the only ones that count.
+    root = logging.getLogger()
+    for logger in [root, *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            logger.handlers.clear()
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    root.addHandler(_ForwardToParent(worker))
+
+
+def _watch_owner(owner_pid: int) -> None:
+    """Kill this worker's process group as soon as the pool's owner dies,
+    even in the middle of a task, so that no worker outlives its pool."""
+    try:
+        pidfd = os.pidfd_open(owner_pid)
+    except OSError:
+        os.killpg(0, signal.SIGKILL)
+        return
+
+    def wait_and_kill() -> None:
+        select.select([pidfd], [], [])
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=wait_and_kill, name="poolme-owner-watch", daemon=True).start()
+
+
+def _line_buffer_standard_streams() -> None:
+    # Lines printed just before a crash must reach the terminal, so output
+    # is flushed at every newline rather than when a block fills.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except Exception:
+                pass
+
+
+def worker_main(config: WorkerConfig) -> None:
+    """Entry point of a worker process."""
+    # A group of its own lets the pool kill a worker together with every
+    # process its task started, and keeps a terminal's Ctrl-C (sent to the
+    # foreground group) for the parent to handle.
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_owner(config.owner_pid)
+    _line_buffer_standard_streams()
+    worker = Worker(config)
+    worker.region.set_pid(worker.slot, os.getpid())
+    _configure_logging(worker, config.log_levels)
+    failure = worker.run_hook(config.on_worker_start)
+    if failure is not None:
+        worker.push(proto.START_FAILED, 0, [_codec.dumps(error_record(0, failure), [])])
+        flush_standard_streams()
+        os._exit(3)
+    worker.push(proto.READY, 0, [proto.PID.pack(os.getpid())])
+    worker.serve()
+    failure = worker.run_hook(config.on_worker_stop)
+    if failure is not None:
+        worker.push(proto.HOOK_FAILED, 0, [_codec.dumps(error_record(0, failure), [])])
+    flush_standard_streams()
+    # Give the parent time to map any spilled results still unacknowledged.
+    deadline = time.monotonic() + 5
+    while worker.unacked_spills and time.monotonic() < deadline:
+        worker.release_acked_spills()
+        time.sleep(0.001)
+    logging.getLogger().handlers.clear()
+    os._exit(0)

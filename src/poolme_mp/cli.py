@@ -1,0 +1,315 @@
+"""The ``poolme-mp`` console script.
+
+``poolme-mp bench`` runs the workloads of :mod:`poolme_mp._bench` through the
+serial baseline, the standard-library pools, the optional peers that are
+installed, and poolme_mp, then prints a table (or JSON with ``--json``).  It
+exits non-zero when any pool's results differ from the serial ones or a pool
+crashes, so it doubles as an end-to-end check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from poolme_mp import _bench
+
+#: Best-of repeats per runner; ``--quick`` must finish in a minute on 2 cores.
+FULL_REPEATS = 3
+QUICK_REPEATS = 2
+#: Cold starts timed by the start-to-first-result measurement.
+FULL_STARTS = 5
+QUICK_STARTS = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the chosen subcommand; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    exit_code: int = args.handler(args)
+    return exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``poolme-mp`` parser with its ``bench`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="poolme-mp", description="poolme_mp process pool tools."
+    )
+    commands = parser.add_subparsers(dest="command")
+    bench = commands.add_parser(
+        "bench",
+        help="compare poolme_mp with the standard-library pools and peers",
+        description=(
+            "Time real workloads through serial map, multiprocessing.Pool, "
+            "ProcessPoolExecutor, joblib and mpire (when installed) and "
+            "poolme_mp; fail if any pool's results differ from serial."
+        ),
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="smaller inputs, fewer repeats (<60 s)"
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON on stdout"
+    )
+    bench.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_bench.usable_cpu_count(),
+        metavar="N",
+        help="worker processes per pool (default: usable CPUs, %(default)s here)",
+    )
+    bench.add_argument(
+        "--only",
+        action="append",
+        choices=list(_bench.WORKLOADS),
+        metavar="NAME",
+        help=f"run only this workload; repeatable ({', '.join(_bench.WORKLOADS)})",
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        metavar="N",
+        help=f"timed repeats per runner, best kept "
+        f"(default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)",
+    )
+    bench.set_defaults(handler=run_bench)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and report it; 1 if any pool failed, else 0."""
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
+    names = _deduplicated(args.only or list(_bench.WORKLOADS))
+    runs = [
+        _bench.run_workload(
+            _bench.WORKLOADS[name],
+            _bench.RUNNERS,
+            args.workers,
+            args.quick,
+            repeats,
+            progress=_progress,
+        )
+        for name in names
+    ]
+    _progress("pool start to first result")
+    starts = QUICK_STARTS if args.quick else FULL_STARTS
+    startup = _bench.measure_startup(args.workers, starts)
+    report = build_report(args, repeats, runs, startup)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    failures = list_failures(report)
+    for failure in failures:
+        print(f"FAIL {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _deduplicated(names: Sequence[str]) -> list[str]:
+    """``names`` in first-seen order, each once (``--only ast --only ast``)."""
+    return list(dict.fromkeys(names))
+
+
+def _progress(message: str) -> None:
+    """Tell the person waiting what runs now, on stderr so stdout stays clean."""
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def build_report(
+    args: argparse.Namespace,
+    repeats: int,
+    runs: Sequence[_bench.WorkloadRun],
+    startup: Sequence[_bench.StartupMeasurement],
+) -> dict[str, Any]:
+    """Everything measured, as the JSON document ``--json`` prints."""
+    return {
+        "machine": _bench.machine_info(),
+        "config": {
+            "quick": args.quick,
+            "workers": args.workers,
+            "repeats": repeats,
+            "workloads": [run.workload.name for run in runs],
+        },
+        "workloads": [
+            {
+                "name": run.workload.name,
+                "description": run.workload.description,
+                "tasks": run.task_count,
+                "notes": run.notes,
+            }
+            for run in runs
+        ],
+        "results": [m.as_dict() for run in runs for m in run.measurements],
+        "startup": [m.as_dict() for m in startup],
+        "legend": (
+            "speedup_vs_serial and speed_vs_best_stdlib are reference seconds "
+            "divided by this runner's seconds: above 1 means faster; best "
+            "stdlib is the faster of mp.Pool and ProcessPoolExecutor."
+        ),
+    }
+
+
+def list_failures(report: dict[str, Any]) -> list[str]:
+    """One line per pool that crashed or returned results unlike serial's."""
+    failures = [
+        f"{r['workload']}/{r['runner']}: {r['status']}: {r['detail']}"
+        for r in report["results"]
+        if r["status"] in ("mismatch", "error")
+    ]
+    failures.extend(
+        f"startup/{s['runner']}: {s['status']}: {s['detail']}"
+        for s in report["startup"]
+        if s["status"] != "ok"
+    )
+    return failures
+
+
+# --------------------------------------------------------------------------
+# The text report
+# --------------------------------------------------------------------------
+
+RESULT_COLUMNS = (
+    "workload",
+    "runner",
+    "tasks",
+    "wall s",
+    "tasks/s",
+    "x serial",
+    "x best stdlib",
+    "status",
+)
+STARTUP_COLUMNS = ("runner", "best ms", "median ms", "status")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable report: machine, results table, start-up table."""
+    sections = [
+        format_machine(report["machine"], report["config"]),
+        format_table(RESULT_COLUMNS, [_result_row(r) for r in report["results"]]),
+        report["legend"],
+        format_notes(report["workloads"]),
+        f"Pool start to first result (1-task map, best of "
+        f"{len(report['startup'][0]['all_seconds']) or '?'} cold starts):",
+        format_table(STARTUP_COLUMNS, [_startup_row(s) for s in report["startup"]]),
+        format_problems(report),
+    ]
+    return "\n\n".join(section for section in sections if section)
+
+
+def format_machine(machine: dict[str, Any], config: dict[str, Any]) -> str:
+    """Two lines saying what ran where."""
+    versions = ", ".join(
+        f"{name} {version}" for name, version in machine["versions"].items() if version
+    )
+    return (
+        f"Machine: {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, "
+        f"{machine['cpu_model']}; {machine['implementation']} {machine['python']} "
+        f"on {machine['platform']} (default start method "
+        f"{machine['default_start_method']})\n"
+        f"Run: {config['workers']} workers, best of {config['repeats']} "
+        f"{'(quick) ' if config['quick'] else ''}| {versions}"
+    )
+
+
+def format_problems(report: dict[str, Any]) -> str:
+    """Why each runner that has no numbers has none (failed, or skipped)."""
+    rows = [*report["results"], *report["startup"]]
+    lines = [
+        f"  {row.get('workload', 'startup')}/{row['runner']}: {row['status']}: "
+        f"{row['detail']}"
+        for row in rows
+        if row["status"] != "ok"
+    ]
+    return "\n".join(["Not measured:", *lines]) if lines else ""
+
+
+def format_notes(workloads: list[dict[str, Any]]) -> str:
+    """One line per workload: what its tasks were and what was skipped."""
+    lines = []
+    for workload in workloads:
+        line = (
+            f"{workload['name']}: {workload['tasks']} tasks, {workload['description']}"
+        )
+        notes = workload["notes"]
+        if "skipped_files" in notes:
+            line += f"; {len(notes['skipped_files'])} unparsable files skipped"
+        if "images" in notes:
+            line += f"; {len(notes['images'])} images: {', '.join(notes['images'])}"
+        if notes.get("skipped_images"):
+            line += f"; could not load {', '.join(notes['skipped_images'])}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _result_row(result: dict[str, Any]) -> list[str]:
+    """One results-table row; ``-`` where a runner produced no number."""
+    return [
+        result["workload"],
+        result["runner"],
+        str(result["tasks"]),
+        _number(result["best_seconds"], "{:.3f}"),
+        _number(result["tasks_per_second"], "{:,.0f}"),
+        _number(result["speedup_vs_serial"], "{:.2f}"),
+        _number(result["speed_vs_best_stdlib"], "{:.2f}"),
+        result["status"],
+    ]
+
+
+def _startup_row(startup: dict[str, Any]) -> list[str]:
+    """One start-up-table row, in milliseconds."""
+    return [
+        startup["runner"],
+        _number(startup["best_seconds"], "{:.1f}", scale=1000),
+        _number(startup["median_seconds"], "{:.1f}", scale=1000),
+        startup["status"],
+    ]
+
+
+def _number(value: float | None, template: str, scale: float = 1.0) -> str:
+    """Format a measurement, or ``-`` when there is none."""
+    return "-" if value is None else template.format(value * scale)
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-align text columns and right-align numeric ones in a plain table."""
+    widths = [
+        max(len(column), *(len(row[i]) for row in rows)) if rows else len(column)
+        for i, column in enumerate(columns)
+    ]
+    numeric = [
+        bool(rows) and all(_looks_numeric(row[i]) for row in rows)
+        for i in range(len(columns))
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (
+            cell.rjust(width) if is_number else cell.ljust(width)
+            for cell, width, is_number in zip(cells, widths, numeric, strict=True)
+        )
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
+
+
+def _looks_numeric(cell: str) -> bool:
+    """Whether a cell is a number (or the ``-`` placeholder for one)."""
+    return cell == "-" or cell.replace(",", "").replace(".", "", 1).isdigit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
