@@ -13,6 +13,7 @@ its start method, can pickle them by reference.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import multiprocessing
@@ -53,8 +54,8 @@ _NOT_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 #: Marks a file that could not be read, decoded or parsed.  Returned instead of
 #: raising so every runner skips the same files in the same way.
 SKIPPED_FILE = (-1, -1)
-#: Roughly how many files ``--quick`` parses: a third of the stdlib.
-_QUICK_AST_FILES = 600
+#: At most this many files for ``--quick`` (about a fifth of CPython 3.11's).
+_QUICK_AST_FILES = 400
 
 
 def stdlib_python_files() -> list[str]:
@@ -350,6 +351,15 @@ def open_poolme_mp(workers: int) -> Iterator[Mapper]:
         yield pool.process
 
 
+@contextmanager
+def open_poolme_mp_fork(workers: int) -> Iterator[Mapper]:
+    """poolme_mp with ``start_method="fork"``: like for like with a fork Pool."""
+    from poolme_mp import WorkerPool
+
+    with WorkerPool(workers, start_method="fork") as pool:
+        yield pool.process
+
+
 @dataclass(frozen=True)
 class Runner:
     """How to start one peer pool, and whether it may be missing."""
@@ -383,13 +393,26 @@ def is_importable(module: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+#: Seconds each warm-up task idles after its work; see ``warm_up``.
+_WARM_UP_PAUSE = 0.01
+
+
+def call_then_pause(fn: TaskFn, task: Task) -> Result:
+    """Run one task, then idle briefly (the warm-up job's task function)."""
+    result = fn(task)
+    time.sleep(_WARM_UP_PAUSE)
+    return result
+
+
 def warm_up(mapper: Mapper, fn: TaskFn, tasks: Sequence[Task], workers: int) -> None:
     """Run a small job so worker start-up and first imports are not timed.
 
-    A few tasks per worker, so every worker is likely to get at least one and
-    import the task function's module before the clock starts.
+    Four real tasks per worker, each followed by a short pause so that no
+    worker can finish the whole job before the others have taken a task:
+    every worker then has imported what the task function needs (skimage's
+    filters load lazily) before the clock starts.
     """
-    mapper(fn, tasks[: 4 * workers])
+    mapper(functools.partial(call_then_pause, fn), tasks[: 4 * workers])
 
 
 def best_of(
@@ -586,6 +609,7 @@ def open_fork_pool(workers: int) -> Iterator[Mapper]:
 STARTUP_RUNNERS: tuple[Runner, ...] = (
     Runner("mp.Pool(fork)", open_fork_pool, is_stdlib=True),
     Runner("poolme_mp", open_poolme_mp),
+    Runner("poolme_mp(fork)", open_poolme_mp_fork),
 )
 
 
@@ -669,16 +693,31 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "default_start_method": multiprocessing.get_start_method(),
+        "poolme_mp_start_method": poolme_mp_start_method(),
         "versions": package_versions(),
     }
+
+
+def poolme_mp_start_method() -> str | None:
+    """The start method a default ``poolme_mp.WorkerPool`` uses (not started)."""
+    try:
+        from poolme_mp import WorkerPool
+
+        return WorkerPool(1).start_method
+    except Exception:  # noqa: BLE001 - the report says "unknown" instead
+        return None
 
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the product and the peers it is compared with."""
     from importlib import metadata
 
-    versions: dict[str, str | None] = {}
-    for distribution in ("poolme-mp", "numpy", "scikit-image", "joblib", "mpire"):
+    import poolme_mp
+
+    # The imported module, not the installed metadata: a source checkout on
+    # PYTHONPATH may differ from whatever was last pip-installed.
+    versions: dict[str, str | None] = {"poolme_mp": poolme_mp.__version__}
+    for distribution in ("numpy", "scikit-image", "joblib", "mpire"):
         try:
             versions[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:

@@ -347,11 +347,23 @@ class FutureSink(Sink):
             self.future.set_exception(error)
 
     def finish(self, failure: BaseException | None) -> None:
-        if failure is not None and not self.future.done():
-            try:
-                self.future.set_exception(failure)
-            except Exception:
-                # set_exception on a future cancelled meanwhile by its
-                # owner raises InvalidStateError; the cancel already woke
-                # every waiter.
-                pass
+        future = self.future
+        if future.cancelled():
+            self.notify_cancelled()
+        elif failure is None:
+            # Ended without a result: the call was dropped before it ran.
+            if future.cancel():
+                self.notify_cancelled()
+        elif not future.done():
+            future.set_exception(failure)
+
+    def notify_cancelled(self) -> None:
+        """Wake as_completed() and wait() callers of a cancelled future.
+
+        Future.cancel() alone only wakes result() callers; the waiters that
+        as_completed installs are told by set_running_or_notify_cancel().
+        """
+        try:
+            self.future.set_running_or_notify_cancel()
+        except RuntimeError:
+            pass  # already notified

@@ -130,6 +130,8 @@ class Engine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
         self.context = multiprocessing.get_context(options.start_method)
+        if options.start_method == "forkserver":
+            _preload_worker_in_forkserver()
         self.region_fd = os.memfd_create("poolme-pool", os.MFD_CLOEXEC)
         self.region = _dispatch.SharedRegion(self.region_fd, options.workers, options.ring_bytes, True)
         self.inline_limit = self.region.max_payload() // 2
@@ -282,7 +284,7 @@ class Engine:
 
     def _cancel_pending_futures(self) -> None:
         for call in list(self.active.values()):
-            if call.future is not None and call.in_flight == 0 and call.future.cancel():
+            if call.future is not None and not call.future_started:
                 self._abort_call(call, None)
 
     def _make_ready(self, call: Call) -> None:
@@ -667,8 +669,6 @@ class Engine:
         for handle in self.workers:
             if handle is not None and handle.frames and handle.frames[0].call is call:
                 handle.abandon_at = now + ABANDON_GRACE
-        if call.future is not None and failure is None:
-            call.future.cancel()
         call.sink.finish(failure)
 
     def _finish_if_done(self, call: Call) -> None:
@@ -980,6 +980,21 @@ class Engine:
                 pass
         _live_engines.discard(self)
         self.stopped.set()
+
+
+def _preload_worker_in_forkserver() -> None:
+    """Have the fork server import the worker module once, so a new worker
+    starts in milliseconds instead of importing poolme_mp afresh.
+
+    Only takes effect if the fork server is not running yet; the user's
+    own preload list is kept.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    preload = list(getattr(server, "_preload_modules", ["__main__"]))
+    if "poolme_mp._worker" not in preload:
+        server._preload_modules = [*preload, "poolme_mp._worker"]
 
 
 def _logging_levels() -> dict[str, int]:

@@ -218,8 +218,9 @@ def format_machine(machine: dict[str, Any], config: dict[str, Any]) -> str:
     return (
         f"Machine: {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, "
         f"{machine['cpu_model']}; {machine['implementation']} {machine['python']} "
-        f"on {machine['platform']} (default start method "
-        f"{machine['default_start_method']})\n"
+        f"on {machine['platform']}; start methods: multiprocessing "
+        f"{machine['default_start_method']}, poolme_mp "
+        f"{machine['poolme_mp_start_method'] or 'unknown'}\n"
         f"Run: {config['workers']} workers, best of {config['repeats']} "
         f"{'(quick) ' if config['quick'] else ''}| {versions}"
     )
