@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from typing import assert_type
 
-from poolme_mp import TaskError, WorkerPool
+from poolme_mp import ResultStream, TaskError, WorkerPool
 
 
 def square(x: int) -> int:
@@ -63,8 +63,8 @@ def process_map(pool: WorkerPool) -> None:
 
 
 def process_stream(pool: WorkerPool) -> None:
-    assert_type(pool.process_stream(square, [1, 2]), Iterator[int])
-    assert_type(pool.process_stream(len, ["a"], ordered=False), Iterator[int])
+    assert_type(pool.process_stream(square, [1, 2]), ResultStream[int])
+    assert_type(pool.process_stream(len, ["a"], ordered=False), ResultStream[int])
     for item in pool.process_stream(square, range(3)):
         assert_type(item, int)
 

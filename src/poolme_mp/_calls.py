@@ -135,7 +135,9 @@ class Call:
         if first[3]:
             self.pending.popleft()
             return [first[0]], [first[1]], [first[2]], True
-        indices, tasks, attempts = [], [], []
+        indices: list[int] = []
+        tasks: list[Any] = []
+        attempts: list[int] = []
         while self.pending and len(tasks) < limit and not self.pending[0][3]:
             index, task, tries, _ = self.pending.popleft()
             indices.append(index)
@@ -204,7 +206,7 @@ class ListSink(Sink):
             self.results[indices.start:indices.stop] = values
         else:
             self._grow(max(indices) + 1)
-            for index, value in zip(indices, values):
+            for index, value in zip(indices, values, strict=True):
                 self.results[index] = value
         if self.progress is not None:
             self.progress.update(len(values))
@@ -278,7 +280,7 @@ class StreamSink(Sink):
             if type(indices) is range:
                 self._store(indices.start, values)
             else:
-                for index, value in zip(indices, values):
+                for index, value in zip(indices, values, strict=True):
                     self._store(index, [value])
             self._cond.notify()
         if self.progress is not None:

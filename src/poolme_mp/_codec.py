@@ -68,7 +68,7 @@ def _bytearray_from_buffer(buffer: Any) -> bytearray:
 def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     view = memoryview(buffer)
     if view.format != fmt or view.shape != shape:
-        view = view.cast("B").cast(fmt, shape)
+        view = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
     return view
 
 
@@ -85,7 +85,7 @@ def _reduce_buffer_like(obj: Any) -> Any:
 
 
 class _StdPickler(pickle.Pickler):
-    reducer_override = staticmethod(_reduce_buffer_like)  # type: ignore[assignment]
+    reducer_override = staticmethod(_reduce_buffer_like)
 
 
 class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]

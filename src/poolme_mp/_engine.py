@@ -309,7 +309,7 @@ class Engine:
             on_worker_stop=self.hooks[1],
             log_levels=_logging_levels(),
         )
-        process = self.context.Process(
+        process = self.context.Process(  # type: ignore[attr-defined]
             target=worker_main, args=(config,), name=f"poolme-worker-{slot}", daemon=False)
         process.start()
         handle = WorkerHandle(slot=slot, process=process, pid=int(process.pid or 0), doorbell=doorbell)
@@ -405,9 +405,10 @@ class Engine:
             "or a signal sent from outside. The worker was replaced.",
             index=index, key=call.key_of(index), attempts=frame.attempts_of(offset),
             worker_pid=handle.pid, exitcode=exitcode)
+        failure: TaskError = error
         if stage:
-            error = self._as_serialization_error(error, stage, exitcode)
-        self._task_failed(call, frame, offset, error, error)
+            failure = self._as_serialization_error(error, stage, exitcode)
+        self._task_failed(call, frame, offset, failure, failure)
 
     @staticmethod
     def _as_serialization_error(error: WorkerCrashedError, stage: str, exitcode: int | None) -> TaskError:
@@ -538,7 +539,7 @@ class Engine:
         if not records and stopped_at < 0:
             call.sink.accept(frame.indices, results)
             if end_callback is not None:
-                for index, value in zip(frame.indices, results):
+                for index, value in zip(frame.indices, results, strict=True):
                     self._callback(call, end_callback, self._task_ref(call, index), value)
             return
         failed = {record[0]: record for record in records}
@@ -994,7 +995,7 @@ def _preload_worker_in_forkserver() -> None:
     server = forkserver._forkserver
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
     if "poolme_mp._worker" not in preload:
-        server._preload_modules = [*preload, "poolme_mp._worker"]
+        server._preload_modules = [*preload, "poolme_mp._worker"]  # type: ignore[attr-defined]
 
 
 def _logging_levels() -> dict[str, int]:

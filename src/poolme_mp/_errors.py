@@ -112,7 +112,7 @@ class TaskSerializationError(TaskError):
         self.direction = direction
 
 
-class TaskErrorGroup(ExceptionGroup, PoolError):  # type: ignore[type-arg,misc]
+class TaskErrorGroup(ExceptionGroup[TaskError], PoolError):
     """Every failure of a call run with continue_on_error, in task order.
 
     ``results`` holds the call's full output: each success in its place and
@@ -129,7 +129,7 @@ class TaskErrorGroup(ExceptionGroup, PoolError):  # type: ignore[type-arg,misc]
     def __init__(self, message: str, errors: Sequence[TaskError], results: Any = None) -> None:
         super().__init__(message, list(errors))
 
-    def derive(self, excs: Sequence[Exception]) -> TaskErrorGroup:  # type: ignore[override]
+    def derive(self, excs: Sequence[TaskError]) -> TaskErrorGroup:  # type: ignore[override]
         return TaskErrorGroup(self.message, [e for e in excs if isinstance(e, TaskError)], self.results)
 
 

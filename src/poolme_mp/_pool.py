@@ -16,14 +16,34 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _codec, _dispatch
 from ._calls import Call, Failure, FutureSink, ListSink, StreamSink
 from ._engine import Engine, EngineOptions, terminate_all
-from ._errors import CallCancelledError, PoolClosedError, PoolError, TaskError, TaskErrorGroup
-from ._policies import RateLimiter, RetryOn, RetryPolicy, TokenBucket, check_int, check_number
+from ._errors import (
+    CallCancelledError,
+    PoolClosedError,
+    PoolError,
+    TaskError,
+    TaskErrorGroup,
+)
+from ._policies import (
+    RateLimiter,
+    RetryOn,
+    RetryPolicy,
+    TokenBucket,
+    check_int,
+    check_number,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -156,7 +176,7 @@ class WorkerPool(concurrent.futures.Executor):
         self._engine: Engine | None = None
         self._shut_down = False
         self._lock = threading.Lock()
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -304,9 +324,9 @@ class WorkerPool(concurrent.futures.Executor):
         try:
             results = self._run_batch(call, sink)
         except TaskErrorGroup as group:
-            group.results = dict(zip(keys, group.results))
+            group.results = dict(zip(keys, group.results, strict=True))
             raise
-        return dict(zip(keys, results))
+        return dict(zip(keys, results, strict=True))
 
     def process_stream(self, fn: Callable[[T], R], tasks: Iterable[T], *, ordered: bool = True,
                        return_exceptions: bool = False, continue_on_error: bool | None = None,
@@ -361,7 +381,7 @@ class WorkerPool(concurrent.futures.Executor):
         _check_timeout("timeout", timeout)
         engine = self._running_engine()
         sink = StreamSink(ordered=True, return_exceptions=False)
-        call = self._call(fn, zip(*iterables), mode=_dispatch.MODE_STAR, sink=sink, length=None,
+        call = self._call(fn, zip(*iterables, strict=False), mode=_dispatch.MODE_STAR, sink=sink, length=None,
                           retry=None, continue_on_error=False, return_exceptions=False,
                           timeout=timeout, cancel=None, flow_limit=self.buffer_size)
         sink.on_consumed = _flow_waker(engine, call)

@@ -22,7 +22,6 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from typing import Any
