@@ -33,6 +33,15 @@ from ._errors import (
 from ._policies import RateLimiter, RetryPolicy, TokenBucket
 from ._pool import ResultStream, UnpicklableFunctionError, WorkerPool
 
+
+def __getattr__(name: str) -> object:
+    # The shared-array helpers need numpy; import it only when asked.
+    if name in ("share", "empty_shared", "SharedArray"):
+        from . import _shared
+
+        return getattr(_shared, name)
+    raise AttributeError(f"module 'poolme_mp' has no attribute {name!r}")
+
 __all__ = [
     "BrokenPoolError",
     "CallCancelledError",
@@ -44,6 +53,7 @@ __all__ = [
     "RemoteError",
     "ResultStream",
     "RetryPolicy",
+    "SharedArray",
     "TaskError",
     "TaskErrorGroup",
     "TaskSerializationError",
@@ -52,6 +62,8 @@ __all__ = [
     "UnpicklableFunctionError",
     "WorkerCrashedError",
     "WorkerPool",
+    "empty_shared",
+    "share",
 ]
 
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
 """Benchmark workloads and runners shared by ``poolme-mp bench`` and benchmarks/.
 
-Every workload works on real input that an installed package ships (the running
-Python's standard library, scikit-image's bundled sample images) or on plain
-integers, so nobody on this team chose the task sizes.  Every runner maps a
+The ``ast`` and ``images`` workloads run on real input that installed packages
+ship (the running Python's standard library, scikit-image's bundled sample
+images), so nobody on this team chose their task sizes; ``tiny`` squares a
+million integers to expose per-task overhead.  Every runner maps a
 module-level function over a list of tasks and returns the results in input
 order; the serial runner's results are the reference the pools must reproduce.
 
@@ -19,12 +20,10 @@ import importlib.util
 import multiprocessing
 import os
 import platform
-import statistics
 import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ Mapper = Callable[[TaskFn, Sequence[Task]], list[Result]]
 
 
 def import_untyped(module: str) -> Any:
-    """Import a peer whose functions carry no type hints, typed as ``Any``.
+    """Import a package whose functions carry no type hints, typed as ``Any``.
 
     Imported lazily, inside the functions that need them, so that a run of
     one workload needs only that workload's packages.
@@ -309,6 +308,10 @@ def open_process_pool_executor(workers: int) -> Iterator[Mapper]:
 
     Its own default chunksize of 1 would make it look far worse than it has to.
     """
+    # Imported here, like every peer: under spawn and forkserver each worker
+    # re-imports the main module, and with it this one.
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(workers) as executor:
 
         def executor_map(fn: TaskFn, tasks: Sequence[Task]) -> list[Result]:
@@ -624,6 +627,8 @@ class StartupMeasurement:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with best and median."""
+        import statistics
+
         return {
             "runner": self.runner,
             "status": self.status,

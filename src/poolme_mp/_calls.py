@@ -64,7 +64,8 @@ class Call:
         self.future = future
         # Where tasks come from: a sequence is sliced (fast), anything else
         # is read lazily through an iterator.
-        self.sequence: Sequence[Any] | None = tasks if isinstance(tasks, (list, tuple)) else None
+        self.sequence: Sequence[Any] | None = (
+            tasks if isinstance(tasks, (list, tuple)) or hasattr(tasks, "row_blocks") else None)
         self.iterator: Iterator[Any] | None = None if self.sequence is not None else iter(tasks)
         self.length = length
         self.next_index = 0
@@ -75,11 +76,16 @@ class Call:
         self.delayed = 0
         self.done = False
         self.in_ready_queue = False
+        # Typed output (dtype= / out=): the shared array results go to,
+        # once known, and whether a first result is being awaited to learn
+        # the shape of each item.
+        self.typed_output = getattr(sink, "typed", False)
+        self.probing = False
 
     # -- where tasks come from -------------------------------------------
 
     def has_work(self) -> bool:
-        if self.done:
+        if self.done or self.probing:
             return False
         if self.pending:
             return True
@@ -116,7 +122,9 @@ class Call:
         start = self.next_index
         if self.sequence is not None:
             chunk = self.sequence[start:start + limit]
-            tasks = chunk if type(chunk) is list else list(chunk)
+            # A block of array rows stays one object: it travels as a
+            # reference to the shared input, not row by row.
+            tasks = chunk if type(chunk) is list or hasattr(chunk, "as_tasks") else list(chunk)
             if start + len(tasks) >= len(self.sequence):
                 self.exhausted = True
         else:
@@ -164,7 +172,7 @@ class Sink:
     def set_length(self, length: int) -> None:
         pass
 
-    def accept(self, indices: Any, values: list[Any]) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
         raise NotImplementedError
 
     def fail(self, index: int, error: TaskError) -> None:
@@ -179,6 +187,8 @@ _MISSING: Any = object()
 
 class ListSink(Sink):
     """Collects a batch call's results in input order."""
+
+    typed = False
 
     def __init__(self, length: int | None, *, return_exceptions: bool,
                  progress: Any = None) -> None:
@@ -200,7 +210,7 @@ class ListSink(Sink):
         if stop > len(self.results):
             self.results.extend([_MISSING] * (stop - len(self.results)))
 
-    def accept(self, indices: Any, values: list[Any]) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
         if type(indices) is range:
             self._grow(indices.stop)
             self.results[indices.start:indices.stop] = values
@@ -248,6 +258,59 @@ class Failure:
         self.error = error
 
 
+class TypedSink(ListSink):
+    """Collects a batch call's results into one numpy array (dtype=/out=).
+
+    Workers write straight into the shared output for frames that carry
+    it (written=True); other results are stored here.
+    """
+
+    typed = True
+
+    def __init__(self, length: int, *, dtype: Any, out: Any, progress: Any = None) -> None:
+        super().__init__(length, return_exceptions=False, progress=progress)
+        self.results = []
+        self.dtype = dtype
+        self.out = out
+        self.user_out: Any = None
+
+    def allocate(self, first: Any) -> Any:
+        """Create the shared output from the first result's shape."""
+        import numpy as np
+
+        from ._shared import empty_shared
+
+        assert self.length is not None
+        shape = np.shape(first)
+        self.out = empty_shared((self.length, *shape), self.dtype)
+        return self.out
+
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
+        if not written:
+            out = self.out
+            for index, value in zip(indices, values, strict=True):
+                out[index] = value
+        if self.progress is not None:
+            self.progress.update(len(values))
+
+    def fail(self, index: int, error: TaskError) -> None:
+        self.errors[index] = error
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def outcome(self) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        result = self.out
+        if self.user_out is not None:
+            self.user_out[...] = self.out
+            result = self.user_out
+        if self.errors:
+            errors = [self.errors[i] for i in sorted(self.errors)]
+            raise TaskErrorGroup(f"{len(errors)} of {self.length} tasks failed", errors, result)
+        return result
+
+
 class StreamSink(Sink):
     """Hands a stream's results to the consuming thread as they arrive.
 
@@ -275,7 +338,7 @@ class StreamSink(Sink):
             self.progress.total = length
             self.progress.refresh()
 
-    def accept(self, indices: Any, values: list[Any]) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
         with self._cond:
             if type(indices) is range:
                 self._store(indices.start, values)
@@ -340,7 +403,7 @@ class FutureSink(Sink):
     def __init__(self, future: Future[Any]) -> None:
         self.future = future
 
-    def accept(self, indices: Any, values: list[Any]) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
         if not self.future.done():
             self.future.set_result(values[0])
 

@@ -73,8 +73,14 @@ def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...]) -> me
 
 
 def _reduce_buffer_like(obj: Any) -> Any:
-    """Out-of-band reductions for the byte containers pickle keeps in band."""
+    """Out-of-band reductions for the byte containers pickle keeps in band,
+    and references for arrays that already live in shared memory."""
     kind = type(obj)
+    if kind.__name__ == "SharedArray":
+        from ._shared import SharedArray, reduce_shared
+
+        if isinstance(obj, SharedArray):
+            return reduce_shared(obj)
     if kind is LargeBytes:
         return _bytes_from_buffer, (pickle.PickleBuffer(obj.data),)
     if kind is bytearray and len(obj) >= OUT_OF_BAND_THRESHOLD:

@@ -53,5 +53,5 @@ class SharedRegion:
     def tasks_done(self, slot: int) -> int: ...
     def run_tasks(
         self, slot: int, fn: Callable[..., Any], mode: int, tasks: list[Any],
-        call_id: int, stop_on_error: bool,
+        call_id: int, stop_on_error: bool, timed: bool = ...,
     ) -> tuple[list[Any], list[tuple[int, BaseException]], int, int]: ...

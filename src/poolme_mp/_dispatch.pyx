@@ -422,7 +422,7 @@ cdef class SharedRegion:
     # -- the worker's inner loop -----------------------------------------------
 
     def run_tasks(self, int slot, fn, int mode, list tasks, int64_t call_id,
-                  bint stop_on_error):
+                  bint stop_on_error, bint timed=True):
         """Run fn over tasks in order, in the calling worker.
 
         Returns (results, errors, stopped_at, elapsed_ns).  results has one
@@ -431,9 +431,9 @@ cdef class SharedRegion:
         task that did not run (because the call was cancelled, or the first
         failure stops the frame), or -1 when all ran.
 
-        The running offset and start time are published before each task
-        so that, if the task kills the process or overruns its timeout, the
-        parent knows exactly which task it was and since when it ran.
+        The running offset is published before each task so that, if the
+        task kills the process, the parent knows exactly which task it was;
+        with timed, so is its start time, for the parent's task timeout.
         """
         cdef Py_ssize_t n = len(tasks)
         cdef Py_ssize_t k
@@ -442,13 +442,14 @@ cdef class SharedRegion:
         cdef volatile int64_t *running = self._i64(slot, _OFF_RUNNING)
         cdef volatile int64_t *started = self._i64(slot, _OFF_STARTED)
         cdef volatile int64_t *done = self._i64(slot, _OFF_DONE)
-        results = [None] * n
-        errors = []
+        cdef list results = [None] * n
+        cdef list errors = []
         for k in range(n):
             if self._cancelled(call_id):
                 stopped_at = k
                 break
-            pm_store_i64(started, pm_monotonic_ns())
+            if timed:
+                pm_store_i64(started, pm_monotonic_ns())
             pm_store_i64(running, k)
             task = tasks[k]
             try:

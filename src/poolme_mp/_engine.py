@@ -97,6 +97,7 @@ class Frame:
     attempts: list[int] | None
     isolated: bool
     spill: _codec.Spill | None
+    typed: bool = False
 
     def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
         attempts = self.attempts
@@ -370,8 +371,7 @@ class Engine:
                 # tasks is to blame, so run each alone to find which.
                 self._requeue(call, frame.pending(range(len(frame.tasks)), isolated=True))
             else:
-                stage = "unpickling its argument" if phase == _dispatch.PHASE_DECODING else "pickling its result"
-                self._crashed(handle, frame, 0, exitcode, f" while {stage}")
+                self._crashed(handle, frame, 0, exitcode, _crash_stage(phase))
             self._finish_if_done(call)
 
     def _blame_task(self, handle: WorkerHandle, frame: Frame, offset: int, exitcode: int | None) -> None:
@@ -406,7 +406,7 @@ class Engine:
             index=index, key=call.key_of(index), attempts=frame.attempts_of(offset),
             worker_pid=handle.pid, exitcode=exitcode)
         failure: TaskError = error
-        if stage:
+        if "pickling" in stage:
             failure = self._as_serialization_error(error, stage, exitcode)
         self._task_failed(call, frame, offset, failure, failure)
 
@@ -536,8 +536,10 @@ class Engine:
                  records: list[tuple[Any, ...]], stopped_at: int) -> None:
         call = frame.call
         end_callback = self.options.on_task_end
+        if call.probing:
+            self._learn_output_shape(call, frame, results, records, stopped_at)
         if not records and stopped_at < 0:
-            call.sink.accept(frame.indices, results)
+            call.sink.accept(frame.indices, results, frame.typed)
             if end_callback is not None:
                 for index, value in zip(frame.indices, results, strict=True):
                     self._callback(call, end_callback, self._task_ref(call, index), value)
@@ -554,11 +556,33 @@ class Engine:
                 error = self._task_error(call, frame, offset, handle, record, cause)
                 self._task_failed(call, frame, offset, error, cause)
             elif offset < ran:
-                call.sink.accept([index], [results[offset]])
+                call.sink.accept([index], [results[offset]], frame.typed)
                 if end_callback is not None:
                     self._callback(call, end_callback, self._task_ref(call, index), results[offset])
             else:
                 self._requeue(call, frame.pending([offset]))
+
+    def _learn_output_shape(self, call: Call, frame: Frame, results: Any,
+                            records: list[tuple[Any, ...]], stopped_at: int) -> None:
+        """The first result of a dtype= call gives each item's shape; the
+        shared output is made from it and later frames write into it."""
+        failed = {record[0] for record in records}
+        ran = len(frame.tasks) if stopped_at < 0 else stopped_at
+        for offset in range(ran):
+            if offset not in failed:
+                try:
+                    call.sink.allocate(results[offset])  # type: ignore[attr-defined]
+                except Exception as exc:
+                    error = TaskError(f"dtype= cannot hold the results: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
+                    self._abort_call(call, error)
+                    return
+                call.probing = False
+                self._make_ready(call)
+                return
+        # No result in this frame: the next frame probes again.
+        call.probing = False
+        self._make_ready(call)
 
     def _task_error(self, call: Call, frame: Frame, offset: int, handle: WorkerHandle,
                     record: tuple[Any, ...], cause: BaseException) -> TaskError:
@@ -654,6 +678,7 @@ class Engine:
                 self._make_ready(call)
 
     def _requeue(self, call: Call, items: list[PendingTask]) -> None:
+        call.probing = False
         if items and not call.done:
             call.requeue(items)
             self._make_ready(call)
@@ -811,6 +836,8 @@ class Engine:
     def _batch_size(self, call: Call, handle: WorkerHandle) -> int:
         if self.options.rate_limiter is not None:
             return 1
+        if call.typed_output and call.sink.out is None:  # type: ignore[attr-defined]
+            return 1
         cost = self.costs.get(call.fn_id)
         if cost is None:
             size = 1
@@ -820,8 +847,11 @@ class Engine:
             size = min(TARGET_FRAME_NS // cost[0], 4 * cost[1])
         remaining = call.remaining()
         if remaining is not None:
-            # Keep some of the input back so the tail spreads over workers.
-            size = min(size, math.ceil(remaining / (2 * self.options.workers)))
+            # Keep part of the input back so that the tail spreads over the
+            # workers even if one of them runs slow (a busy machine), but
+            # not in frames so small that round trips dominate.
+            share = math.ceil(remaining / (2 * self.options.workers))
+            size = min(size, max(share, size // 8))
         if call.flow_limit is not None:
             size = min(size, max(1, call.flow_limit // (2 * self.options.workers)))
         quota = self.options.max_tasks_per_worker
@@ -852,12 +882,22 @@ class Engine:
                 self._abort_call(call, None)
                 return True
         frame = Frame(self.seq + 1, call, indices, tasks, attempts, isolated, None)
+        if call.typed_output:
+            out = call.sink.out  # type: ignore[attr-defined]
+            if out is None:
+                call.probing = True
+            elif type(indices) is range:
+                frame.typed = True
         parts = self._encode_frame(handle, frame)
         if parts is None:
             return True
         fn_known = call.fn_id in handle.known_functions
         fn_part = b"" if fn_known else call.fn_blob
         flags = proto.FLAG_STOP_ON_ERROR if call.stop_on_error and call.retry.max_attempts == 1 else 0
+        if call.task_timeout is not None:
+            flags |= proto.FLAG_TIMED
+        if frame.typed:
+            flags |= proto.FLAG_TYPED_OUTPUT
         header = proto.TASK_HEADER.pack(call.id, call.fn_id, len(fn_part), call.mode, flags)
         pushed = self.region.push(handle.slot, _dispatch.TASKS, proto.TASKS, frame.seq,
                                   [header, fn_part, *parts])
@@ -902,10 +942,17 @@ class Engine:
 
         Returns the envelope parts, or None when nothing is left to send.
         """
-        chunk = list(frame.tasks) if frame.tasks is not None else []
-        _codec.mark_large_bytes(chunk)
+        payload: Any
+        if hasattr(frame.tasks, "as_tasks"):
+            payload = frame.tasks
+        else:
+            payload = list(frame.tasks)
+            _codec.mark_large_bytes(payload)
+        if frame.typed:
+            window = frame.indices
+            payload = (payload, frame.call.sink.out[window.start:window.stop])  # type: ignore[attr-defined]
         try:
-            parts, frame.spill = _codec.encode(chunk, self.inline_limit)
+            parts, frame.spill = _codec.encode(payload, self.inline_limit)
             return parts
         except Exception:
             pass
@@ -981,6 +1028,15 @@ class Engine:
                 pass
         _live_engines.discard(self)
         self.stopped.set()
+
+
+def _crash_stage(phase: int) -> str:
+    """Where in a frame a worker died, for a crash message."""
+    if phase == _dispatch.PHASE_DECODING:
+        return " while unpickling its argument"
+    if phase == _dispatch.PHASE_ENCODING:
+        return " while pickling its result"
+    return " before its task started"
 
 
 def _preload_worker_in_forkserver() -> None:

@@ -7,7 +7,6 @@ timed waits in a loop, so Ctrl-C is seen within a fraction of a second.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import functools
@@ -27,7 +26,7 @@ from collections.abc import (
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _codec, _dispatch
-from ._calls import Call, Failure, FutureSink, ListSink, StreamSink
+from ._calls import Call, Failure, FutureSink, ListSink, StreamSink, TypedSink
 from ._engine import Engine, EngineOptions, terminate_all
 from ._errors import (
     CallCancelledError,
@@ -270,20 +269,29 @@ class WorkerPool(concurrent.futures.Executor):
     def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
                 return_exceptions: Literal[False] = ..., continue_on_error: bool | None = ...,
                 retry: RetryPolicy | None = ..., timeout: float | None = ...,
-                cancel: threading.Event | None = ..., progress: bool = ...) -> list[R]: ...
+                cancel: threading.Event | None = ..., progress: bool = ...,
+                dtype: None = ..., out: None = ...) -> list[R]: ...
 
     @overload
     def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
                 return_exceptions: Literal[True], continue_on_error: bool | None = ...,
                 retry: RetryPolicy | None = ..., timeout: float | None = ...,
                 cancel: threading.Event | None = ...,
-                progress: bool = ...) -> list[R | TaskError]: ...
+                progress: bool = ..., dtype: None = ...,
+                out: None = ...) -> list[R | TaskError]: ...
+
+    @overload
+    def process(self, fn: Callable[[T], Any], tasks: Iterable[T], *,
+                return_exceptions: Literal[False] = ..., continue_on_error: bool | None = ...,
+                retry: RetryPolicy | None = ..., timeout: float | None = ...,
+                cancel: threading.Event | None = ..., progress: bool = ...,
+                dtype: Any = ..., out: Any = ...) -> Any: ...
 
     def process(self, fn: Callable[[T], R], tasks: Iterable[T], *,
                 return_exceptions: bool = False, continue_on_error: bool | None = None,
                 retry: RetryPolicy | None = None, timeout: float | None = None,
                 cancel: threading.Event | None = None,
-                progress: bool = False) -> list[R] | list[R | TaskError]:
+                progress: bool = False, dtype: Any = None, out: Any = None) -> Any:
         """Run fn on every task; results in input order.
 
         By default the first failure raises TaskError and no further tasks
@@ -291,14 +299,58 @@ class WorkerPool(concurrent.futures.Executor):
         raised together as a TaskErrorGroup (whose .results has every
         success in its place).  With return_exceptions the list holds a
         TaskError in place of each failure and nothing is raised for them.
+
+        tasks may be a numpy array: its rows (elements of a 1-D array, as
+        Python scalars) are the tasks, and the array reaches the workers
+        through shared memory, not row by row.  With dtype= (or out=, an
+        array of len(tasks) rows), each result is a scalar or an array of
+        fixed shape that the workers write straight into a shared numpy
+        array, which is returned.
         """
-        tasks = _check_iterable("tasks", tasks)
+        tasks = _as_task_source(_check_iterable("tasks", tasks))
+        if dtype is not None or out is not None:
+            return self._process_typed(fn, tasks, dtype=dtype, out=out,
+                                       return_exceptions=return_exceptions,
+                                       continue_on_error=continue_on_error, retry=retry,
+                                       timeout=timeout, cancel=cancel, progress=progress)
         length = _length_of(tasks)
         sink = ListSink(length, return_exceptions=return_exceptions,
                         progress=_progress_bar(progress, length))
         call = self._call(fn, tasks, mode=_dispatch.MODE_MAP, sink=sink, length=length,
                           retry=retry, continue_on_error=continue_on_error,
                           return_exceptions=return_exceptions, timeout=timeout, cancel=cancel)
+        return self._run_batch(call, sink)
+
+    def _process_typed(self, fn: Any, tasks: Any, *, dtype: Any, out: Any,
+                       return_exceptions: bool, continue_on_error: bool | None,
+                       retry: RetryPolicy | None, timeout: float | None,
+                       cancel: threading.Event | None, progress: bool) -> Any:
+        import numpy as np
+
+        from ._shared import SharedArray, empty_shared
+
+        if return_exceptions:
+            raise ValueError("return_exceptions cannot be combined with dtype= or out=: "
+                             "a numpy array cannot hold the errors")
+        if _length_of(tasks) is None:
+            tasks = list(tasks)
+        length = len(tasks)
+        sink = TypedSink(length, dtype=np.dtype(dtype) if dtype is not None else None, out=None,
+                         progress=_progress_bar(progress, length))
+        if out is not None:
+            if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != length:
+                raise ValueError(f"out must be a numpy array with {length} rows, got "
+                                 f"{getattr(out, 'shape', type(out).__name__)}")
+            if dtype is not None and np.dtype(dtype) != out.dtype:
+                raise ValueError(f"dtype {np.dtype(dtype)} differs from out's dtype {out.dtype}")
+            if isinstance(out, SharedArray) and out.shared_reference() is not None:
+                sink.out = out
+            else:
+                sink.out = empty_shared(out.shape, out.dtype)
+                sink.user_out = out
+        call = self._call(fn, tasks, mode=_dispatch.MODE_MAP, sink=sink, length=length,
+                          retry=retry, continue_on_error=continue_on_error,
+                          return_exceptions=False, timeout=timeout, cancel=cancel)
         return self._run_batch(call, sink)
 
     def process_map(self, fn: Callable[[T], R], mapping: Mapping[K, T] | Iterable[tuple[K, T]], *,
@@ -392,6 +444,8 @@ class WorkerPool(concurrent.futures.Executor):
 
     async def aprocess(self, fn: Callable[[T], R], tasks: Iterable[T], **options: Any) -> list[R]:
         """process() for asyncio; cancelling the awaiting task cancels the work."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         token = threading.Event()
         work = loop.run_in_executor(None, functools.partial(self.process, fn, tasks, cancel=token, **options))
@@ -404,6 +458,8 @@ class WorkerPool(concurrent.futures.Executor):
     async def aprocess_stream(self, fn: Callable[[T], R], tasks: Iterable[T],
                               **options: Any) -> AsyncIterator[R]:
         """process_stream() for asyncio: ``async for result in ...``."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         stream = self.process_stream(fn, tasks, **options)
         try:
@@ -511,6 +567,20 @@ def _check_iterable(name: str, value: Any) -> Any:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be an iterable of tasks, got {type(value).__name__}: {value!r:.80}")
     return value
+
+
+def _as_task_source(tasks: Any) -> Any:
+    """Arrays become shared row sources; other iterables stay as they are."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(tasks, numpy.ndarray):
+        if tasks.ndim == 0:
+            raise TypeError("tasks must not be a 0-d array: it has no rows to iterate")
+        if tasks.dtype.hasobject:
+            return list(tasks)
+        from ._shared import SharedRows
+
+        return SharedRows(tasks)
+    return tasks
 
 
 def _check_timeout(name: str, value: float | None) -> None:

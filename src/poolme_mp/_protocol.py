@@ -37,6 +37,8 @@ HOOK_FAILED = 14
 # call id, function id, function bytes length, invocation mode, flags
 TASK_HEADER = struct.Struct("<qIIBB2x")
 FLAG_STOP_ON_ERROR = 1
+FLAG_TIMED = 2      # publish each task's start time (task_timeout is set)
+FLAG_TYPED_OUTPUT = 4  # the envelope is (tasks, output view): write results there
 
 # call id, elapsed ns, first offset not run (-1: all ran), status,
 # results envelope length

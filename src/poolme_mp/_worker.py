@@ -196,14 +196,22 @@ class Worker:
             self.send_results(seq, call_id, 0, -1, proto.STATUS_DECODE_FAILED, None,
                               [error_record(0, error, "task")])
             return
+        output = None
+        if flags & proto.FLAG_TYPED_OUTPUT:
+            tasks, output = tasks
+        if not isinstance(tasks, list):
+            tasks = tasks.as_tasks()  # a block of rows of a shared array
         region.set_phase(slot, _dispatch.PHASE_RUNNING, seq)
         stop_on_error = bool(flags & proto.FLAG_STOP_ON_ERROR)
+        timed = bool(flags & proto.FLAG_TIMED)
         results, failures, stopped_at, elapsed = region.run_tasks(
-            slot, fn, mode, tasks, call_id, stop_on_error)
+            slot, fn, mode, tasks, call_id, stop_on_error, timed)
         del tasks
         region.set_phase(slot, _dispatch.PHASE_ENCODING, seq)
         errors = [error_record(offset, exc) for offset, exc in failures]
         del failures
+        if output is not None:
+            results = write_output(output, results, errors, stopped_at)
         self.send_results(seq, call_id, elapsed, stopped_at, proto.STATUS_OK, results, errors)
         region.set_phase(slot, _dispatch.PHASE_IDLE, seq)
         flush_standard_streams()
@@ -253,6 +261,30 @@ class Worker:
         except BaseException as exc:
             return exc
         return None
+
+
+def write_output(output: Any, results: list[Any], errors: list[tuple[Any, ...]],
+                 stopped_at: int) -> list[Any]:
+    """Store a frame's results in the shared output array; a result that
+    does not fit (wrong shape or type) becomes an error of its task.
+    Returns the placeholder list that travels back instead."""
+    ran = len(results) if stopped_at < 0 else stopped_at
+    failed = {record[0] for record in errors}
+    if not failed and ran == len(results):
+        try:
+            output[:ran] = results
+            return [None] * len(results)
+        except Exception:
+            pass
+    for offset in range(ran):
+        if offset in failed:
+            continue
+        try:
+            output[offset] = results[offset]
+        except Exception as exc:
+            errors.append(error_record(offset, exc, "result"))
+    errors.sort(key=lambda record: record[0])
+    return [None] * len(results)
 
 
 def flush_standard_streams() -> None:

@@ -1,0 +1,343 @@
+"""process_stream: ordering, lazy input, flat memory, early close, errors.
+
+Task functions live at module level so that spawn and forkserver workers can
+import them by name.  Tasks that must leave a trace write a file into a
+directory the test owns, named after the task, holding the worker's pid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from poolme_mp import TaskError, TaskErrorGroup, WorkerPool
+
+# Generous bound for any single blocking wait in these tests.
+WAIT = 30.0
+
+
+# -- task functions (run in the workers) -------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def increment(x: int) -> int:
+    return x + 1
+
+
+def sleep_then_return(item: tuple[int, float]) -> int:
+    value, seconds = item
+    time.sleep(seconds)
+    return value
+
+
+def fail_on_five(x: int) -> int:
+    if x == 5:
+        raise ValueError(f"bad item {x}")
+    return x * 10
+
+
+def slow_except_five(x: int) -> int:
+    """Tasks before 5 take a while; task 5 fails at once."""
+    if x == 5:
+        raise ValueError(f"bad item {x}")
+    if x < 5:
+        time.sleep(0.3)
+    return x * 10
+
+
+def mark_then_sleep(item: tuple[str, int, float]) -> int:
+    """Record that this task started (file holds the pid), then sleep."""
+    directory, index, seconds = item
+    Path(directory, f"started-{index}").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return index
+
+
+# -- helpers (parent side) -----------------------------------------------------
+
+
+class CountingSource:
+    """An endless iterator of 0, 1, 2, ... that counts how many were pulled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pulled = 0
+
+    def __iter__(self) -> CountingSource:
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            value = self.pulled
+            self.pulled += 1
+            return value
+
+
+def started(directory: Path) -> set[int]:
+    return {int(p.name.split("-")[1]) for p in directory.glob("started-*")}
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (unlike ru_maxrss, not a peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_usable(pool: WorkerPool, within: float = 2.0) -> None:
+    begin = time.monotonic()
+    assert pool.process(square, list(range(8))) == [x * x for x in range(8)]
+    assert time.monotonic() - begin < within
+
+
+# -- ordering -------------------------------------------------------------------
+
+
+def test_ordered_stream_equals_serial(start_method: str) -> None:
+    """An ordered stream yields exactly the serial results, in input order."""
+    with WorkerPool(2, start_method=start_method) as pool:
+        from_list = list(pool.process_stream(square, list(range(500))))
+        from_generator = list(pool.process_stream(square, (x for x in range(500))))
+    expected = [x * x for x in range(500)]
+    assert from_list == expected
+    assert from_generator == expected
+
+
+def test_unordered_stream_yields_every_result(start_method: str) -> None:
+    """ordered=False yields every result exactly once (in some order)."""
+    with WorkerPool(2, start_method=start_method) as pool:
+        results = list(pool.process_stream(square, range(1000), ordered=False))
+    assert sorted(results) == [x * x for x in range(1000)]
+
+
+def test_unordered_stream_yields_fast_task_before_slow_earlier_one() -> None:
+    """ordered=False yields a finished later task before a slow earlier one;
+    ordered=True still yields the slow first task first."""
+    tasks = [(0, 1.0), (1, 0.0), (2, 0.0)]
+    with WorkerPool(2, start_method="fork") as pool:
+        unordered = list(pool.process_stream(sleep_then_return, tasks, ordered=False))
+        ordered = list(pool.process_stream(sleep_then_return, tasks, ordered=True))
+    assert unordered[0] != 0
+    assert unordered[-1] == 0
+    assert sorted(unordered) == [0, 1, 2]
+    assert ordered == [0, 1, 2]
+
+
+# -- lazy input -------------------------------------------------------------------
+
+
+def test_infinite_input_is_read_lazily(start_method: str) -> None:
+    """With an endless input and buffer_size=64, results arrive promptly and
+    the stream never reads more than buffer_size tasks past what it has
+    handed to the consumer.
+
+    Slack: the consumer takes results a frame at a time, and a frame of a
+    stream holds at most buffer_size // (2 * workers) = 16 tasks, so up to
+    16 results may be taken from the pool before we see them.
+    """
+    buffer_size, slack = 64, 64 // (2 * 2)
+    source = CountingSource()
+    with WorkerPool(2, start_method=start_method) as pool:
+        pool.start()
+        check_usable(pool, within=WAIT)  # workers are up
+        begin = time.monotonic()
+        stream = pool.process_stream(increment, source, buffer_size=buffer_size)
+        first = next(stream)
+        assert time.monotonic() - begin < 1.0
+        assert first == 1
+        consumed = 1
+        worst = source.pulled - consumed
+        for expected in range(2, 2001):
+            assert next(stream) == expected
+            consumed += 1
+            worst = max(worst, source.pulled - consumed)
+        # A consumer that stops taking results stops the reading.
+        time.sleep(0.5)
+        worst = max(worst, source.pulled - consumed)
+        assert worst <= buffer_size + slack
+        pulled_while_paused = source.pulled
+        time.sleep(0.2)
+        assert source.pulled == pulled_while_paused
+        stream.close()
+
+
+def test_memory_stays_flat_over_long_input() -> None:
+    """Streaming 2 million tiny tasks keeps the parent's memory flat.
+
+    Measured as current RSS sampled along the way, from a baseline taken
+    after 200,000 results.  The rings are shared memory whose pages count in
+    RSS once touched, so the smallest ring size (64 KiB) keeps that out of
+    the figure.  Holding on to every result would cost over 60 MB; the
+    bound is 16 MB.
+    """
+    total = 2_000_000
+    baseline = None
+    peak = 0
+    count = 0
+    with WorkerPool(2, start_method="fork", ring_size=65536) as pool:
+        for count, result in enumerate(pool.process_stream(increment, (i for i in range(total))), 1):
+            if result != count:
+                pytest.fail(f"result {count - 1} was {result}, expected {count}")
+            if count % 100_000 == 0:
+                rss = current_rss()
+                if count == 200_000:
+                    baseline = rss
+                if baseline is not None:
+                    peak = max(peak, rss)
+    assert count == total
+    assert baseline is not None
+    assert peak - baseline < 16 * 2**20
+
+
+# -- closing early ------------------------------------------------------------------
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["break", "close", "raise"])
+def test_closing_early_stops_reading_input(how: str) -> None:
+    """Leaving a stream early (break, close(), an exception in the loop body)
+    stops reading the input at once, and the pool stays usable."""
+    buffer_size, slack = 32, 32 // (2 * 2)
+    source = CountingSource()
+    with WorkerPool(2, start_method="fork") as pool:
+        stream = pool.process_stream(increment, source, buffer_size=buffer_size)
+        consumed = 0
+        try:
+            for result in stream:
+                consumed += 1
+                assert result == consumed
+                if consumed == 100:
+                    if how == "break":
+                        break
+                    if how == "close":
+                        stream.close()
+                    else:
+                        raise Stop
+        except Stop:
+            pass
+        if how == "break":
+            # Leaving a for loop does not close an iterator by itself;
+            # dropping the last reference does.
+            del stream
+        assert consumed == 100
+        time.sleep(0.1)  # the engine gets a moment to see the close
+        pulled = source.pulled
+        assert pulled <= consumed + buffer_size + slack
+        time.sleep(0.3)
+        assert source.pulled == pulled
+        check_usable(pool)
+
+
+@pytest.mark.parametrize("how", ["break", "close", "raise"])
+def test_closing_early_abandons_running_task(start_method: str, how: str, tmp_path: Path) -> None:
+    """Closing a stream abandons tasks that are running: the pool answers a
+    new call within 2 s although the abandoned tasks sleep 30 s, and no
+    further task of the closed stream starts."""
+    tasks = [(str(tmp_path), 0, 0.0)] + [(str(tmp_path), i, 30.0) for i in range(1, 10)]
+    with WorkerPool(2, start_method=start_method) as pool:
+        stream = pool.process_stream(mark_then_sleep, tasks)
+        try:
+            for result in stream:
+                assert result == 0
+                # Both workers are now busy with 30 s tasks.
+                wait_until(lambda: len(started(tmp_path)) >= 3, timeout=WAIT)
+                if how == "break":
+                    break
+                if how == "close":
+                    stream.close()
+                    break
+                raise Stop
+        except Stop:
+            pass
+        if how == "break":
+            del stream
+        begin = time.monotonic()
+        check_usable(pool, within=2.0)
+        assert time.monotonic() - begin < 2.0
+        before = started(tmp_path)
+        assert len(before) == 3
+        time.sleep(0.3)
+        assert started(tmp_path) == before
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_error_raises_at_failing_item_after_earlier_results(start_method: str) -> None:
+    """By default a stream yields the results before a failing task, then
+    raises its TaskError (index, cause) instead of the next result."""
+    seen: list[int] = []
+    with WorkerPool(2, start_method=start_method) as pool:
+        with pytest.raises(TaskError) as info:
+            for result in pool.process_stream(fail_on_five, range(10)):
+                seen.append(result)
+        check_usable(pool)
+    assert seen == [0, 10, 20, 30, 40]
+    assert info.value.index == 5
+    assert isinstance(info.value.__cause__, ValueError)
+    assert str(info.value.__cause__) == "bad item 5"
+
+
+def test_error_waits_for_slower_earlier_results() -> None:
+    """The failing task's error comes after the results of every earlier
+    task, even when those earlier tasks finish after the failure."""
+    seen: list[int] = []
+    with WorkerPool(2, start_method="fork") as pool:
+        with pytest.raises(TaskError) as info:
+            for result in pool.process_stream(slow_except_five, range(10)):
+                seen.append(result)
+    assert seen == [0, 10, 20, 30, 40]
+    assert info.value.index == 5
+
+
+def test_return_exceptions_yields_task_error_in_place(start_method: str) -> None:
+    """return_exceptions=True yields the TaskError in the failing task's
+    place and every other result in its own."""
+    with WorkerPool(2, start_method=start_method) as pool:
+        results = list(pool.process_stream(fail_on_five, range(10), return_exceptions=True))
+    assert len(results) == 10
+    error = results[5]
+    assert isinstance(error, TaskError)
+    assert error.index == 5
+    assert isinstance(error.__cause__, ValueError)
+    assert results[:5] + results[6:] == [0, 10, 20, 30, 40, 60, 70, 80, 90]
+
+
+def test_continue_on_error_yields_successes_then_raises_group(start_method: str) -> None:
+    """continue_on_error=True yields every success, then raises a
+    TaskErrorGroup holding each failure."""
+    seen: list[int] = []
+    with WorkerPool(2, start_method=start_method) as pool:
+        with pytest.raises(TaskErrorGroup) as info:
+            for result in pool.process_stream(fail_on_five, range(10), continue_on_error=True):
+                seen.append(result)
+    assert seen == [0, 10, 20, 30, 40, 60, 70, 80, 90]
+    errors = info.value.exceptions
+    assert len(errors) == 1
+    assert isinstance(errors[0], TaskError)
+    assert errors[0].index == 5
+    assert isinstance(errors[0].__cause__, ValueError)
+
+
+def test_stream_is_an_iterator_of_results() -> None:
+    """process_stream returns an iterator (iter() is itself) that ends with
+    StopIteration and keeps raising it."""
+    with WorkerPool(2, start_method="fork") as pool:
+        stream = pool.process_stream(square, [1, 2, 3])
+        assert iter(stream) is stream
+        assert list(itertools.islice(stream, 5)) == [1, 4, 9]
+        with pytest.raises(StopIteration):
+            next(stream)
+        with pytest.raises(StopIteration):
+            next(stream)
