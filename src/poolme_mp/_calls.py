@@ -80,6 +80,9 @@ class Call:
         # once known, and whether a first result is being awaited to learn
         # the shape of each item.
         self.typed_output = getattr(sink, "typed", False)
+        # Out-of-band bytes per task seen so far, to keep frames within the
+        # data arena.
+        self.bytes_per_task = 0
         self.probing = False
 
     # -- where tasks come from -------------------------------------------

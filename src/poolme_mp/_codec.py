@@ -10,6 +10,10 @@ too large for a ring frame goes to the spill segment too.
 Envelope, the bytes that travel inside a ring frame:
 
     b"\\x00" + pickle                 everything inline
+    b"\\x02" + ARENA_HEADER + ranges + pickle
+        the out-of-band buffers are in the sender's data arena (see
+        _arena): region start and length (Q, Q), buffer count (I), then
+        (offset Q, length Q) per buffer
     b"\\x01" + SPILL_HEADER + ranges [+ pickle]
         SPILL_HEADER: sender pid (q), fd (i), segment size (Q),
                       buffer count (I), pickle-in-segment flag (I)
@@ -29,7 +33,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -40,6 +44,8 @@ from ._dispatch import wrap_large_bytes
 OUT_OF_BAND_THRESHOLD = 256 * 1024
 
 _SPILL_HEADER = struct.Struct("<qiQII")
+_ARENA_HEADER = struct.Struct("<QQI")
+_IN_ARENA = b"\x02"
 _RANGE = struct.Struct("<QQ")
 _INLINE = b"\x00"
 _SPILLED = b"\x01"
@@ -176,16 +182,66 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def encode(obj: Any, inline_limit: int) -> tuple[list[Any], Spill | None]:
-    """Encode obj as an envelope: (byte parts to concatenate, spill or None).
+class ArenaSpace(Protocol):
+    """Where an encoder may place out-of-band buffers (see _arena)."""
 
-    Raises whatever pickling raises; the caller decides what that means.
+    view: memoryview
+
+    def take(self, nbytes: int) -> int | None:
+        """Offset of nbytes of free space, or None if there is none."""
+        ...
+
+
+class ArenaFull(Exception):
+    """The arena has no room and the caller asked not to spill."""
+
+
+def encode(obj: Any, inline_limit: int, arena: ArenaSpace | None = None,
+           spill_ok: bool = True) -> tuple[list[Any], Spill | None, tuple[int, int] | None]:
+    """Encode obj as an envelope.
+
+    Returns (byte parts to concatenate, spill or None, arena region or
+    None).  Large buffers go to the arena when it has room, else to a
+    spill segment (or ArenaFull is raised, when not spill_ok).  Raises
+    whatever pickling raises.
     """
     buffers: list[pickle.PickleBuffer] = []
     main = dumps(obj, buffers)
     if not buffers and len(main) + 1 <= inline_limit:
-        return [_INLINE, main], None
+        return [_INLINE, main], None, None
     views = [buffer.raw() for buffer in buffers]
+    fits_inline = len(main) + 1 + _ARENA_HEADER.size + _RANGE.size * len(views) <= inline_limit
+    if arena is not None and fits_inline:
+        placed = _place_in_arena(arena, views)
+        if placed is not None:
+            region, ranges = placed
+            header = _ARENA_HEADER.pack(region[0], region[1], len(views))
+            return [_IN_ARENA, header, ranges, main], None, region
+    if arena is not None and not spill_ok:
+        raise ArenaFull(sum(view.nbytes for view in views))
+    parts, spill = _encode_spilled(main, views, inline_limit)
+    return parts, spill, None
+
+
+def _place_in_arena(arena: ArenaSpace, views: list[memoryview]
+                    ) -> tuple[tuple[int, int], bytes] | None:
+    total = sum(_aligned(view.nbytes) for view in views)
+    start = arena.take(total)
+    if start is None:
+        return None
+    ranges = bytearray()
+    offset = start
+    for view in views:
+        # One copy, straight into memory the receiver already has mapped.
+        arena.view[offset:offset + view.nbytes] = view
+        ranges += _RANGE.pack(offset, view.nbytes)
+        offset += _aligned(view.nbytes)
+    return (start, total), bytes(ranges)
+
+
+def _encode_spilled(main: bytes, views: list[memoryview], inline_limit: int
+                    ) -> tuple[list[Any], Spill]:
+    n_buffers = len(views)
     main_in_spill = len(main) + 1 + _SPILL_HEADER.size + _RANGE.size * (len(views) + 1) > inline_limit
     if main_in_spill:
         views.append(memoryview(main))
@@ -195,22 +251,28 @@ def encode(obj: Any, inline_limit: int) -> tuple[list[Any], Spill | None]:
     for view in views:
         ranges += _RANGE.pack(offset, view.nbytes)
         offset += _aligned(view.nbytes)
-    header = _SPILL_HEADER.pack(os.getpid(), spill.fd, spill.size, len(buffers), main_in_spill)
+    header = _SPILL_HEADER.pack(os.getpid(), spill.fd, spill.size, n_buffers, main_in_spill)
     parts: list[Any] = [_SPILLED, header, bytes(ranges)]
     if not main_in_spill:
         parts.append(main)
     return parts, spill
 
 
-def decode(envelope: Any, writable: bool) -> Any:
+def decode(envelope: Any, writable: bool, arena: memoryview | None = None,
+           arena_buffers: list[memoryview] | None = None) -> Any:
     """Rebuild an object from an envelope (bytes or a memoryview).
 
     With writable=False, out-of-band buffers are mapped read-only, so a
-    worker sees its input arrays as read-only views.
+    worker sees its input arrays as read-only views.  Buffers in an arena
+    are copied out when writable (the arena space is reused soon), and
+    used in place otherwise; the views used in place are appended to
+    arena_buffers so the caller can tell when they are released.
     """
     view = memoryview(envelope)
     if view[0] == 0:
         return pickle.loads(view[1:])
+    if view[0] == 2:
+        return _decode_from_arena(view, writable, arena, arena_buffers)
     pid, fd, size, n_buffers, main_in_spill = _SPILL_HEADER.unpack_from(view, 1)
     position = 1 + _SPILL_HEADER.size
     n_ranges = n_buffers + (1 if main_in_spill else 0)
@@ -223,6 +285,52 @@ def decode(envelope: Any, writable: bool) -> Any:
     else:
         main = view[position + n_ranges * _RANGE.size:]
     return pickle.loads(main, buffers=buffers)
+
+
+def arena_region(envelope: Any) -> tuple[int, int] | None:
+    """(start, length) of the arena region an envelope uses, if any."""
+    view = memoryview(envelope)
+    if view[0] != 2:
+        return None
+    start, length, _ = _ARENA_HEADER.unpack_from(view, 1)
+    return start, length
+
+
+def _decode_from_arena(view: memoryview, writable: bool, arena: memoryview | None,
+                       arena_buffers: list[memoryview] | None) -> Any:
+    if arena is None:
+        raise RuntimeError("envelope refers to a data arena, but none is mapped")
+    _, _, n_buffers = _ARENA_HEADER.unpack_from(view, 1)
+    position = 1 + _ARENA_HEADER.size
+    buffers: list[Any] = []
+    for i in range(n_buffers):
+        start, length = _RANGE.unpack_from(view, position + i * _RANGE.size)
+        piece = arena[start:start + length]
+        if writable:
+            buffers.append(_copy_out(piece))
+            piece.release()
+        else:
+            buffers.append(piece)
+            if arena_buffers is not None:
+                arena_buffers.append(piece)
+    main = view[position + n_buffers * _RANGE.size:]
+    return pickle.loads(main, buffers=buffers)
+
+
+def _copy_out(piece: memoryview) -> Any:
+    """A private, writable copy of an arena buffer.
+
+    numpy allocates large arrays on transparent huge pages where the
+    kernel allows, so the fresh memory costs a few page faults instead of
+    one per 4 KiB; a bytearray would fault on every page.
+    """
+    try:
+        import numpy
+    except ImportError:
+        return bytearray(piece)
+    copy = numpy.empty(piece.nbytes, dtype=numpy.uint8)
+    copy.data.cast("B")[:] = piece
+    return copy
 
 
 def map_spill(pid: int, fd: int, size: int, writable: bool) -> memoryview:

@@ -33,7 +33,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _codec, _dispatch
+from . import _arena, _codec, _dispatch
 from . import _protocol as proto
 from ._calls import Call, PendingTask
 from ._errors import (
@@ -75,6 +75,7 @@ class EngineOptions:
     workers: int
     start_method: str
     ring_bytes: int
+    arena_bytes: int = 64 * 1024 * 1024
     task_timeout: float | None = None
     rate_limiter: RateLimiter | None = None
     max_tasks_per_worker: int | None = None
@@ -98,6 +99,7 @@ class Frame:
     isolated: bool
     spill: _codec.Spill | None
     typed: bool = False
+    arena_region: tuple[int, int] | None = None
 
     def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
         attempts = self.attempts
@@ -125,6 +127,45 @@ class WorkerHandle:
     abandon_at: float | None = None
 
 
+class SlotArenas:
+    """The two data arenas of one worker slot, as the parent sees them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.task_fd = _arena.create_arena_fd(size)
+        self.result_fd = _arena.create_arena_fd(size)
+        self.view = _arena.map_arena(self.task_fd, size, writable=True)
+        self.result_view = _arena.map_arena(self.result_fd, size, writable=False)
+        self.free = _arena.FreeList(size)
+        # Regions a task still holds views on, by start: kept out of use
+        # until the worker reports them released.
+        self.pinned: dict[int, int] = {}
+
+    def take(self, nbytes: int) -> int | None:
+        return self.free.alloc(nbytes)
+
+    def release(self, region: tuple[int, int] | None) -> None:
+        if region is not None and region[0] not in self.pinned:
+            self.free.free(*region)
+
+    def reset(self) -> None:
+        """The worker is gone, and with it every view it held."""
+        self.free.reset()
+        self.pinned.clear()
+
+    def close(self) -> None:
+        for view in (self.view, self.result_view):
+            try:
+                view.release()
+            except BufferError:
+                pass
+        for fd in (self.task_fd, self.result_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class Engine:
     """Runs one pool: its workers, its segment and its engine thread."""
 
@@ -142,6 +183,7 @@ class Engine:
             _codec.dumps_function(options.on_worker_start) if options.on_worker_start else None,
             _codec.dumps_function(options.on_worker_stop) if options.on_worker_stop else None,
         )
+        self.arenas = [SlotArenas(options.arena_bytes) for _ in range(options.workers)]
         self.workers: list[WorkerHandle | None] = [None] * options.workers
         self.sentinels: dict[int, WorkerHandle] = {}
         self.poller = select.poll()
@@ -303,6 +345,9 @@ class Engine:
             n_slots=self.options.workers,
             ring_bytes=self.options.ring_bytes,
             region=InheritedFd(self.region_fd),
+            task_arena=InheritedFd(self.arenas[slot].task_fd),
+            result_arena=InheritedFd(self.arenas[slot].result_fd),
+            arena_bytes=self.options.arena_bytes,
             doorbell=InheritedFd(doorbell),
             result_doorbell=InheritedFd(self.result_doorbell),
             owner_pid=os.getpid(),
@@ -330,6 +375,7 @@ class Engine:
         if not handle.ready and not expected:
             self._count_start_failure(handle, exitcode)
         self._recover_frames(handle, exitcode)
+        self.arenas[handle.slot].reset()
         handle.process.close()
         if not self.terminating and self.broken is None and not (self.closing and not self.active):
             self._spawn(handle.slot)
@@ -356,6 +402,7 @@ class Engine:
         for position, frame in enumerate(frames):
             if frame.spill is not None:
                 frame.spill.close()
+            frame.arena_region = None  # the whole arena is reset below
             call = frame.call
             call.in_flight -= len(frame.tasks)
             if call.done:
@@ -492,23 +539,26 @@ class Engine:
         assert frame.seq == seq, (frame.seq, seq)
         if frame.spill is not None:
             frame.spill.close()
+        arenas = self.arenas[handle.slot]
         call = frame.call
         n = len(frame.tasks)
         call.in_flight -= n
         _, elapsed, stopped_at, status, envelope_len = proto.RESULT_HEADER.unpack_from(payload, 0)
         start = proto.RESULT_HEADER.size
+        records, pinned, unpinned = pickle.loads(payload[start + envelope_len:])
+        self._track_pins(arenas, frame, pinned, unpinned)
         if call.done:
             self.region.set_spill_ack(handle.slot, seq)
             return
         try:
-            results = _codec.decode(payload[start:start + envelope_len], True) if envelope_len else None
+            envelope = payload[start:start + envelope_len]
+            results = _codec.decode(envelope, True, arenas.result_view) if envelope_len else None
             decode_error: BaseException | None = None
         except BaseException as exc:
             results, decode_error = None, exc
-        # Decoded (or given up): the worker may close its spill segment.
+        # Decoded (or given up): the worker may reuse the result arena space
+        # and close its spill segment.
         self.region.set_spill_ack(handle.slot, seq)
-        error_bytes = payload[start + envelope_len:]
-        records = pickle.loads(error_bytes) if len(error_bytes) else []
         if status == proto.STATUS_FUNCTION_FAILED:
             self._function_failed(call, handle, records[0])
         elif status == proto.STATUS_DECODE_FAILED or decode_error is not None:
@@ -517,6 +567,20 @@ class Engine:
             self._record_cost(call, frame, elapsed, stopped_at)
             self._deliver(handle, frame, results, records, stopped_at)
         self._finish_if_done(call)
+
+    @staticmethod
+    def _track_pins(arenas: SlotArenas, frame: Frame, pinned: list[int], unpinned: list[int]) -> None:
+        """Keep task arena space a task still views out of use; free it once
+        the worker reports it released."""
+        region = frame.arena_region
+        for start in pinned:
+            if region is not None and region[0] == start:
+                arenas.pinned[start] = region[1]
+        arenas.release(region)
+        for start in unpinned:
+            length = arenas.pinned.pop(start, None)
+            if length is not None:
+                arenas.free.free(start, length)
 
     def _record_cost(self, call: Call, frame: Frame, elapsed: int, stopped_at: int) -> None:
         ran = len(frame.tasks) if stopped_at < 0 else stopped_at
@@ -854,6 +918,9 @@ class Engine:
             size = min(size, max(share, size // 8))
         if call.flow_limit is not None:
             size = min(size, max(1, call.flow_limit // (2 * self.options.workers)))
+        if call.bytes_per_task:
+            # Two frames in flight must fit in the worker's data arena.
+            size = min(size, self.options.arena_bytes // (4 * call.bytes_per_task))
         quota = self.options.max_tasks_per_worker
         if quota is not None:
             size = min(size, quota - handle.tasks_sent)
@@ -904,15 +971,16 @@ class Engine:
         if not pushed:
             if frame.spill is not None:
                 frame.spill.close()
-            call.requeue(frame.pending(range(len(tasks)), isolated))
+            self.arenas[handle.slot].release(frame.arena_region)
+            call.requeue(frame.pending(range(len(frame.tasks)), isolated))
             return False
         self.seq = frame.seq
         if pushed == 2:
             os.eventfd_write(handle.doorbell, 1)
         self._remember_function(handle, call.fn_id, fn_known)
         handle.frames.append(frame)
-        handle.tasks_sent += len(tasks)
-        call.in_flight += len(tasks)
+        handle.tasks_sent += len(frame.tasks)
+        call.in_flight += len(frame.tasks)
         self._after_send(handle, call, frame)
         return True
 
@@ -952,8 +1020,20 @@ class Engine:
             window = frame.indices
             payload = (payload, frame.call.sink.out[window.start:window.stop])  # type: ignore[attr-defined]
         try:
-            parts, frame.spill = _codec.encode(payload, self.inline_limit)
+            parts, frame.spill, frame.arena_region = _codec.encode(
+                payload, self.inline_limit, self.arenas[handle.slot],
+                spill_ok=len(frame.tasks) == 1)
+            out_of_band = frame.arena_region[1] if frame.arena_region else (
+                frame.spill.size if frame.spill else 0)
+            frame.call.bytes_per_task = max(frame.call.bytes_per_task,
+                                            out_of_band // max(1, len(frame.tasks)))
             return parts
+        except _codec.ArenaFull as full:
+            # Too much array data for the arena's free space: send fewer
+            # tasks now rather than pay for a segment of their own.
+            frame.call.bytes_per_task = max(frame.call.bytes_per_task,
+                                            int(full.args[0]) // len(frame.tasks))
+            return self._shrink_and_encode(handle, frame)
         except Exception:
             pass
         call = frame.call
@@ -974,6 +1054,16 @@ class Engine:
         self._requeue(call, good)
         self._finish_if_done(call)
         return None
+
+    def _shrink_and_encode(self, handle: WorkerHandle, frame: Frame) -> list[Any] | None:
+        keep = len(frame.tasks) // 2
+        frame.call.requeue(frame.pending(range(keep, len(frame.tasks))))
+        frame.indices = frame.indices[:keep]
+        frame.tasks = frame.tasks[:keep] if not hasattr(frame.tasks, "as_tasks") else _take_rows(frame.tasks, keep)
+        if frame.attempts is not None:
+            frame.attempts = frame.attempts[:keep]
+        self._make_ready(frame.call)
+        return self._encode_frame(handle, frame)
 
     # -- waiting ----------------------------------------------------------------------
 
@@ -1021,6 +1111,8 @@ class Engine:
             self.region.close()
         except BufferError:
             pass  # a view is still alive; the mapping goes with the object
+        for arenas in self.arenas:
+            arenas.close()
         for fd in (self.region_fd, self.result_doorbell, self.wakeup):
             try:
                 os.close(fd)
@@ -1028,6 +1120,10 @@ class Engine:
                 pass
         _live_engines.discard(self)
         self.stopped.set()
+
+
+def _take_rows(block: Any, count: int) -> Any:
+    return type(block)(block.rows[:count])
 
 
 def _crash_stage(phase: int) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _codec, _dispatch
+from . import _arena, _codec, _dispatch
 from . import _protocol as proto
 
 _log = logging.getLogger("poolme_mp.worker")
@@ -61,6 +61,9 @@ class WorkerConfig:
     n_slots: int
     ring_bytes: int
     region: InheritedFd
+    task_arena: InheritedFd
+    result_arena: InheritedFd
+    arena_bytes: int
     doorbell: InheritedFd
     result_doorbell: InheritedFd
     owner_pid: int
@@ -85,6 +88,30 @@ def error_record(offset: int, exc: BaseException, direction: str | None = None) 
     return (offset, blob, f"{kind.__module__}.{kind.__qualname__}", message, text, direction)
 
 
+class _ResultArena:
+    """The worker's result arena as an encoder's ArenaSpace."""
+
+    def __init__(self, view: memoryview, ring: _arena.Ring) -> None:
+        self.view = view
+        self.ring = ring
+        self.seq = 0
+
+    def take(self, nbytes: int) -> int | None:
+        return self.ring.alloc(nbytes, self.seq)
+
+
+def _release_all(views: list[memoryview]) -> bool:
+    """Release views of the task arena; False if some are still in use
+    (a task kept an array built on them)."""
+    held = False
+    for view in views:
+        try:
+            view.release()
+        except BufferError:
+            held = True
+    return not held
+
+
 class _FunctionLoadFailure:
     """Stands in the function cache for a function that failed to unpickle,
     so every frame naming it fails the same way."""
@@ -102,6 +129,12 @@ class Worker:
         self.region = _dispatch.SharedRegion(config.region.fd, config.n_slots, config.ring_bytes, False)
         self.doorbell = config.doorbell.fd
         self.result_doorbell = config.result_doorbell.fd
+        self.task_arena = _arena.map_arena(config.task_arena.fd, config.arena_bytes, writable=False)
+        self.result_arena = _ResultArena(
+            _arena.map_arena(config.result_arena.fd, config.arena_bytes, writable=True),
+            _arena.Ring(config.arena_bytes))
+        # Task arena regions whose views a task kept: (start, views).
+        self.pinned: list[tuple[int, list[memoryview]]] = []
         self.functions: OrderedDict[int, Any] = OrderedDict()
         # Result spills waiting for the parent to map them: (seq, spill).
         self.unacked_spills: deque[tuple[int, _codec.Spill]] = deque()
@@ -125,6 +158,7 @@ class Worker:
 
     def release_acked_spills(self) -> None:
         acked = self.region.spill_ack(self.slot)
+        self.result_arena.ring.release_upto(acked)
         while self.unacked_spills and self.unacked_spills[0][0] <= acked:
             self.unacked_spills.popleft()[1].close()
 
@@ -147,16 +181,39 @@ class Worker:
             call_id, fn_id, fn_len, mode, flags = header
             start = proto.TASK_HEADER.size
             fn = self.function(fn_id, payload[start:start + fn_len] if fn_len else None)
+            envelope = payload[start + fn_len:]
+            arena_region = _codec.arena_region(envelope)
+            in_place: list[memoryview] = []
             try:
-                tasks = _codec.decode(payload[start + fn_len:], writable=False)
+                tasks = _codec.decode(envelope, False, self.task_arena, in_place)
                 decode_error = None
             except BaseException as exc:
                 tasks, decode_error = None, exc
-            del payload
+            del payload, envelope
             # Decoding copied what it needs, so the ring space can go back
             # to the parent before the tasks run.
             region.consume(slot, _dispatch.TASKS, frame_bytes)
-            self.run_frame(seq, call_id, fn, mode, flags, tasks, decode_error)
+            self.result_arena.seq = seq
+            self.pending_pins = self.check_pins(arena_region, in_place)
+            box = [tasks]
+            del tasks
+            self.run_frame(seq, call_id, fn, mode, flags, box, decode_error)
+
+    def check_pins(self, arena_region: tuple[int, int] | None,
+                   in_place: list[memoryview]) -> Any:
+        """Return a callable that, after the frame, reports which task arena
+        regions are still viewed by something a task kept."""
+        def report() -> tuple[list[int], list[int]]:
+            pinned: list[int] = []
+            if arena_region is not None and not _release_all(in_place):
+                self.pinned.append((arena_region[0], in_place))
+                pinned.append(arena_region[0])
+            unpinned = [start for start, views in self.pinned
+                        if start not in pinned and _release_all(views)]
+            if unpinned:
+                self.pinned = [(s, v) for s, v in self.pinned if s not in unpinned]
+            return pinned, unpinned
+        return report
 
     def sleep(self) -> None:
         if self.region.worker_prepare_sleep(self.slot):
@@ -185,8 +242,11 @@ class Worker:
         return self.functions[fn_id]
 
     def run_frame(self, seq: int, call_id: int, fn: Any, mode: int, flags: int,
-                  tasks: list[Any] | None, decode_error: BaseException | None) -> None:
+                  box: list[Any], decode_error: BaseException | None) -> None:
+        # The tasks come in a box so that no caller's variable keeps them
+        # (and the arena views they hold) alive after they ran.
         region, slot = self.region, self.slot
+        tasks = box.pop()
         if isinstance(fn, _FunctionLoadFailure):
             self.send_results(seq, call_id, 0, -1, proto.STATUS_FUNCTION_FAILED, None,
                               [error_record(0, fn.exc, "task")])
@@ -212,22 +272,29 @@ class Worker:
         del failures
         if output is not None:
             results = write_output(output, results, errors, stopped_at)
-        self.send_results(seq, call_id, elapsed, stopped_at, proto.STATUS_OK, results, errors)
+            del output
+        box.append(results)
+        del results
+        self.send_results(seq, call_id, elapsed, stopped_at, proto.STATUS_OK, box, errors)
         region.set_phase(slot, _dispatch.PHASE_IDLE, seq)
         flush_standard_streams()
 
     def send_results(self, seq: int, call_id: int, elapsed: int, stopped_at: int, status: int,
-                     results: list[Any] | None, errors: list[tuple[Any, ...]]) -> None:
+                     box: list[Any] | None, errors: list[tuple[Any, ...]]) -> None:
         inline_limit = self.region.max_payload() // 2
         spill = None
-        if results is None:
+        # Free the arena space of results the parent has taken, first.
+        self.release_acked_spills()
+        if box is None:
             parts: list[Any] = []
         else:
-            parts, spill = self.encode_results(results, errors, inline_limit)
-        error_blob = _codec.dumps(errors, []) if errors else b""
+            parts, spill = self.encode_results(box.pop(), errors, inline_limit)
+        # Results are encoded and dropped: any arena view still in use now
+        # is held by something a task kept.
+        pinned, unpinned = self.pending_pins()
+        error_blob = _codec.dumps((errors, pinned, unpinned), [])
         envelope_len = sum(memoryview(p).nbytes for p in parts)
         header = proto.RESULT_HEADER.pack(call_id, elapsed, stopped_at, status, envelope_len)
-        self.release_acked_spills()
         self.push(proto.RESULTS, seq, [header, *parts, error_blob])
         if spill is not None:
             self.unacked_spills.append((seq, spill))
@@ -238,7 +305,8 @@ class Worker:
         error of its own task and the others still go through."""
         _codec.mark_large_bytes(results)
         try:
-            return _codec.encode(results, inline_limit)
+            parts, spill, _ = _codec.encode(results, inline_limit, self.result_arena)
+            return parts, spill
         except BaseException:
             pass
         failed = {record[0] for record in errors}
@@ -251,7 +319,8 @@ class Worker:
                 results[offset] = None
                 errors.append(error_record(offset, exc, "result"))
         errors.sort(key=lambda record: record[0])
-        return _codec.encode(results, inline_limit)
+        parts, spill, _ = _codec.encode(results, inline_limit, self.result_arena)
+        return parts, spill
 
     def run_hook(self, blob: bytes | None) -> BaseException | None:
         if blob is None:
@@ -347,6 +416,24 @@ def _watch_owner(owner_pid: int) -> None:
     threading.Thread(target=wait_and_kill, name="poolme-owner-watch", daemon=True).start()
 
 
+def _keep_large_allocations_in_heap() -> None:
+    """Let glibc serve large blocks (up to 32 MiB) from the heap.
+
+    By default each large block, such as the array a task returns, gets
+    fresh pages from mmap and gives them back on free, so every result
+    pays page faults again; kept in the heap, the pages are reused.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: keep the allocator's defaults
+
+
 def _line_buffer_standard_streams() -> None:
     # Lines printed just before a crash must reach the terminal, so output
     # is flushed at every newline rather than when a block fills.
@@ -368,6 +455,7 @@ def worker_main(config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_owner(config.owner_pid)
     _line_buffer_standard_streams()
+    _keep_large_allocations_in_heap()
     worker = Worker(config)
     worker.region.set_pid(worker.slot, os.getpid())
     _configure_logging(worker, config.log_levels)

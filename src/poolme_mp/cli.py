@@ -160,6 +160,12 @@ def build_report(
             "divided by this runner's seconds: above 1 means faster; best "
             "stdlib is the faster of mp.Pool and ProcessPoolExecutor."
         ),
+        "startup_note": (
+            "Seconds from constructing a pool to the result of a 1-task map, "
+            "shutdown not included. Measured after the workloads, so a "
+            "forkserver that poolme_mp launched for them is already running "
+            "and its one-off launch is not counted."
+        ),
     }
 
 
@@ -202,12 +208,17 @@ def format_report(report: dict[str, Any]) -> str:
         format_table(RESULT_COLUMNS, [_result_row(r) for r in report["results"]]),
         report["legend"],
         format_notes(report["workloads"]),
-        f"Pool start to first result (1-task map, best of "
-        f"{len(report['startup'][0]['all_seconds']) or '?'} cold starts):",
+        f"Pool start to first result ({_start_count(report)} cold starts each). "
+        + report["startup_note"],
         format_table(STARTUP_COLUMNS, [_startup_row(s) for s in report["startup"]]),
         format_problems(report),
     ]
     return "\n\n".join(section for section in sections if section)
+
+
+def _start_count(report: dict[str, Any]) -> int:
+    """How many cold starts each start-up runner was timed over."""
+    return max(len(startup["all_seconds"]) for startup in report["startup"])
 
 
 def format_machine(machine: dict[str, Any], config: dict[str, Any]) -> str:
