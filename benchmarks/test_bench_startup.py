@@ -18,3 +18,8 @@ def test_startup_fork_pool(benchmark: Any, time_pool_start: StartTimer) -> None:
 def test_startup_poolme_mp(benchmark: Any, time_pool_start: StartTimer) -> None:
     """Construct a ``poolme_mp.WorkerPool``, get one result."""
     time_pool_start(benchmark, "poolme_mp")
+
+
+def test_startup_poolme_mp_fork(benchmark: Any, time_pool_start: StartTimer) -> None:
+    """Construct a ``poolme_mp.WorkerPool(start_method="fork")``, get one result."""
+    time_pool_start(benchmark, "poolme_mp(fork)")

@@ -460,3 +460,37 @@ def nested_outer(args: tuple[str, str]) -> list[int]:
     elif mode == "crash":
         os._exit(EXIT_CODE)
     return pids
+
+
+# ---------------------------------------------------------------------------
+# /dev/shm
+# ---------------------------------------------------------------------------
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_entries() -> set[str]:
+    try:
+        return set(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return set()
+
+
+def _foreign(name: str, ours: set[int]) -> bool:
+    """True if name embeds the pid of a live process outside our tree.
+
+    The machine is shared: other sessions' libraries (joblib/loky, for
+    one) create entries named after their own pid while a test runs.
+    """
+    import re
+    for token in re.findall(r"\d{2,}", name):
+        pid = int(token)
+        if pid not in ours and alive(pid):
+            return True
+    return False
+
+
+def new_shm(before: set[str]) -> set[str]:
+    """Entries added since before, leaving out other processes' entries."""
+    ours = {os.getpid(), *(pid for pid, _ in descendants())}
+    return {name for name in shm_entries() - before if not _foreign(name, ours)}

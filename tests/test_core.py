@@ -84,6 +84,16 @@ class Plain:
         self.tag = f"plain-{value}"
 
 
+class Adder:
+    """A callable object."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, x):
+        return x + self.n
+
+
 class Multiplier:
     def __init__(self, factor):
         self.factor = factor
@@ -180,6 +190,25 @@ def test_process_generator_keeps_input_order(pool):
     assert pool.process(square, (x for x in [3, 1, 2]), timeout=T) == [9, 1, 4]
 
 
+def test_tuple_tasks_are_passed_whole(pool):
+    """Each task is passed as one argument, even when it is a tuple."""
+    assert pool.process(len, [(1, 2), (3,), ()], timeout=T) == [2, 1, 0]
+    assert pool.process(identity, [(1, "a"), [2]], timeout=T) == [(1, "a"), [2]]
+
+
+def test_process_numpy_array_input(pool):
+    """A numpy array's rows are the tasks, in order; a 1-D array gives Python scalars."""
+    np = pytest.importorskip("numpy")
+    one_d = np.arange(10, dtype=np.int64)[::-1]
+    assert pool.process(lambda v: (type(v).__name__, v * 2), one_d, timeout=T) == [
+        ("int", 2 * i) for i in range(9, -1, -1)]
+    two_d = np.arange(12, dtype=np.float64).reshape(4, 3)
+    assert pool.process(lambda row: row.tolist(), two_d, timeout=T) == two_d.tolist()
+    assert pool.process(square, np.array([], dtype=np.int64), timeout=T) == []
+    objects = np.array([{"a": 1}, None, "x"], dtype=object)
+    assert pool.process(identity, objects, timeout=T) == [{"a": 1}, None, "x"]
+
+
 def test_process_plain_iterator_and_dict_keys(fork_pool):
     """An iterator or a dict (its keys) is accepted as the task iterable."""
     assert fork_pool.process(square, iter([2, 3]), timeout=T) == [4, 9]
@@ -267,6 +296,29 @@ def test_results_of_many_types(pool):
     assert by_kind["point"].norm1() == 7
 
 
+def test_large_arguments_and_results_round_trip(pool):
+    """Arguments and results of several MiB (out of band) arrive intact and in order."""
+    blobs = [bytes([i]) * (1 << 20) + bytes(range(256)) * i for i in range(6)]
+    assert pool.process(len, blobs, timeout=T) == [len(b) for b in blobs]
+    echoed = pool.process(identity, blobs, timeout=T)
+    assert [type(b) for b in echoed] == [bytes] * 6
+    assert echoed == blobs
+    big = pool.process(lambda n: b"z" * n, [9 << 20], timeout=T)
+    assert len(big[0]) == 9 << 20 and big[0] == b"z" * (9 << 20)
+
+
+def test_large_numpy_arguments(pool):
+    """Large numpy arrays travel to the workers intact (read-only in the worker)."""
+    np = pytest.importorskip("numpy")
+    arrays = [np.full(200_000, i, dtype=np.int64) for i in range(5)]
+    sums = pool.process(lambda a: (int(a.sum()), a.shape, a.flags.writeable), arrays, timeout=T)
+    assert [s[0] for s in sums] == [200_000 * i for i in range(5)]
+    assert [s[1] for s in sums] == [(200_000,)] * 5
+    doubled = pool.process(lambda a: a * 2, arrays, timeout=T)
+    assert [int(d[0]) for d in doubled] == [0, 2, 4, 6, 8]
+    assert all(d.shape == (200_000,) and d.dtype == np.int64 for d in doubled)
+
+
 def test_exception_subclass_returned_as_value_is_a_result(fork_pool):
     """An exception returned (not raised) is a result, never a failure."""
     results = fork_pool.process(lambda x: KeyError(x), [1, 2], timeout=T)
@@ -338,6 +390,7 @@ def test_methods_of_objects(pool):
     assert pool.process(str.upper, ["ab", "c"], timeout=T) == ["AB", "C"]
     assert pool.process({"a": 1, "b": 2}.get, ["b", "a", "z"], timeout=T) == [2, 1, None]
     assert pool.process(Point.norm1, [Point(1, -2)], timeout=T) == [3]
+    assert pool.process(Adder(10), [1, 2], timeout=T) == [11, 12]
 
 
 def test_function_defined_in_test_module(pool):
@@ -447,13 +500,6 @@ def test_process_map_iterable_of_pairs(fork_pool):
     assert fork_pool.process_map(square, {"k": 3}.items(), timeout=T) == {"k": 9}
 
 
-def test_process_map_duplicate_keys_in_pairs_last_wins(fork_pool):
-    """Duplicate keys in a pair list collapse like dict(pairs): the last value wins."""
-    result = fork_pool.process_map(square, [("a", 1), ("b", 2), ("a", 3)], timeout=T)
-    assert result == {"a": 9, "b": 4}
-    assert list(result) == ["a", "b"]
-
-
 def test_process_map_other_mapping_types(fork_pool):
     """Any Mapping works (OrderedDict, a read-only mappingproxy)."""
     import types
@@ -551,7 +597,15 @@ class _Limiter:
         ({"task_timeout": "1"}, TypeError, "task_timeout"),
         ({"task_timeout": float("nan")}, ValueError, "task_timeout"),
         ({"rate_limit": 5, "rate_limiter": TokenBucket(5)}, ValueError, "rate_limit"),
-        ({"rate_limit": 0}, ValueError, "rate"),
+        ({"rate_limit": 0}, ValueError, "rate_limit"),
+        ({"rate_limit": -1}, ValueError, "rate_limit"),
+        ({"rate_limit": "5"}, TypeError, "rate_limit"),
+        ({"rate_limit": 5, "burst": 0}, ValueError, "burst"),
+        ({"initial_delay": -1}, ValueError, "initial_delay"),
+        ({"max_delay": -0.5}, ValueError, "max_delay"),
+        ({"multiplier": 0.5}, ValueError, "multiplier"),
+        ({"jitter": 2}, ValueError, "jitter"),
+        ({"retry_on": "ValueError"}, TypeError, "retry_on"),
         ({"rate_limiter": object()}, TypeError, "rate_limiter"),
         ({"max_tasks_per_worker": 0}, ValueError, "max_tasks_per_worker"),
         ({"retry": 3}, TypeError, "retry"),
@@ -562,7 +616,9 @@ class _Limiter:
         ({"on_error": 1}, TypeError, "on_error"),
         ({"on_retry": 1}, TypeError, "on_retry"),
     ],
-    ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(v),
+    ids=lambda v: (",".join(f"{k}={type(x).__name__ if hasattr(x, 'try_acquire') else x!r}"
+                            for k, x in v.items())
+                   if isinstance(v, dict) else v.__name__ if isinstance(v, type) else str(v)),
 )
 def test_pool_argument_validation(kwargs, exc_type, name):
     """A bad WorkerPool argument raises TypeError/ValueError whose message starts with its name."""
@@ -611,6 +667,18 @@ def test_process_argument_validation(args, kwargs, exc_type, name):
             p.process(*args, **kwargs)
         assert type(info.value) is exc_type
         assert str(info.value).startswith(name + " "), str(info.value)
+    finally:
+        p.shutdown()
+
+
+def test_process_rejects_zero_d_array_naming_tasks():
+    """A 0-d numpy array is not a task list: TypeError naming 'tasks'."""
+    np = pytest.importorskip("numpy")
+    p = WorkerPool(2, start_method="fork")
+    try:
+        with pytest.raises(TypeError) as info:
+            p.process(square, np.array(5))
+        assert str(info.value).startswith("tasks ")
     finally:
         p.shutdown()
 

@@ -26,7 +26,6 @@ The whole table runs under every start method (about 0.3 - 1 s a cell).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +33,6 @@ import time
 import crash_helpers as ch
 import pytest
 
-SHM_DIR = "/dev/shm"
 CHILD_TIMEOUT = 60
 
 # WHERE x "raise": (error type, direction, message part).  {pid} is the
@@ -70,13 +68,6 @@ CRASH_EXPECTED = {
 CELLS = [(where, how) for where in ch.WHERES for how in ch.HOWS]
 
 
-def _shm() -> set[str]:
-    try:
-        return set(os.listdir(SHM_DIR))
-    except FileNotFoundError:
-        return set()
-
-
 def _run_cell(where: str, how: str, method: str) -> tuple[subprocess.CompletedProcess[str], float]:
     code = (
         f"import sys; sys.path.insert(0, {ch.TESTS_DIR!r}); import crash_helpers; "
@@ -96,7 +87,7 @@ def _run_cell(where: str, how: str, method: str) -> tuple[subprocess.CompletedPr
 @pytest.mark.parametrize(("where", "how"), CELLS, ids=[f"{w}-{h}" for w, h in CELLS])
 def test_crash_matrix(where: str, how: str, start_method: str) -> None:
     """A fault at any stage fails only its own task with the exact error type, and nothing leaks."""
-    shm_before = _shm()
+    shm_before = ch.shm_entries()
     proc, _ = _run_cell(where, how, start_method)
     context = f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
@@ -155,5 +146,5 @@ def test_crash_matrix(where: str, how: str, start_method: str) -> None:
         assert data["after_ok"] is True, context
         assert data["leftover"] == [], context
     assert "Traceback" not in proc.stderr, context
-    leaked = ch.wait_for(lambda: not (_shm() - shm_before), 3.0)
-    assert leaked, f"/dev/shm entries left: {sorted(_shm() - shm_before)}"
+    clean = ch.wait_for(lambda: not ch.new_shm(shm_before), 3.0)
+    assert clean, f"/dev/shm entries left: {sorted(ch.new_shm(shm_before))}"

@@ -9,6 +9,7 @@ tasks, and functions, arguments and results that cannot be pickled.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import threading
@@ -208,8 +209,6 @@ def test_no_further_tasks_start_after_first_failure(tmp_path, start_method):
     """After the first failure no further tasks start, and the pool still works."""
     log = tmp_path / "ran.txt"
     total = 200
-    import functools
-
     fn = functools.partial(logged, str(log), 0.01, {5})
     with WorkerPool(2, start_method=start_method) as p:
         with pytest.raises(TaskError) as info:
@@ -285,8 +284,6 @@ def _check_group(group, total, failing):
 
 def test_continue_on_error_pool_option_runs_everything(tmp_path, start_method):
     """With continue_on_error=True on the pool every task runs and a TaskErrorGroup holds all failures."""
-    import functools
-
     log = tmp_path / "ran.txt"
     failing = [2, 9, 17]
     fn = functools.partial(logged, str(log), 0.002, set(failing))
@@ -300,8 +297,6 @@ def test_continue_on_error_pool_option_runs_everything(tmp_path, start_method):
 
 def test_continue_on_error_per_call(tmp_path, fork_pool):
     """continue_on_error=True on one call runs every task; the next call is back to the default."""
-    import functools
-
     log = tmp_path / "ran.txt"
     fn = functools.partial(logged, str(log), 0.0, {0, 5})
     with pytest.raises(TaskErrorGroup) as info:
@@ -381,8 +376,6 @@ def test_process_map_continue_on_error_results_is_dict(fork_pool):
 
 def test_return_exceptions_returns_errors_in_place(tmp_path, pool):
     """return_exceptions=True returns every result with a TaskError in each failed slot."""
-    import functools
-
     log = tmp_path / "ran.txt"
     fn = functools.partial(logged, str(log), 0.0, {1, 4})
     results = pool.process(fn, range(6), return_exceptions=True, timeout=T)
@@ -547,6 +540,8 @@ def test_unpicklable_argument_fails_only_its_task(pool):
     assert isinstance(error, TaskError)
     assert error.direction == "task"
     assert error.index == 1
+    assert error.attempts == 0  # it never ran
+    assert error.worker_pid is None
     assert isinstance(error.__cause__, TypeError)
     assert "lock" in str(error.__cause__)
     assert str(error).startswith("task 1: its argument cannot be pickled")

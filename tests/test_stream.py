@@ -11,12 +11,16 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from conftest import wait_until
 
 from poolme_mp import TaskError, TaskErrorGroup, WorkerPool
+
+T = TypeVar("T")
 
 # Generous bound for any single blocking wait in these tests.
 WAIT = 30.0
@@ -86,10 +90,35 @@ def started(directory: Path) -> set[int]:
     return {int(p.name.split("-")[1]) for p in directory.glob("started-*")}
 
 
-def current_rss() -> int:
-    """Resident set size now, in bytes (unlike ru_maxrss, not a peak)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def private_rss() -> int:
+    """Private (anonymous) resident memory now, in bytes: unlike ru_maxrss
+    not a peak, and unlike plain RSS without shared-memory pages."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def consume_within(stream: Iterator[T], timeout: float) -> list[T]:
+    """list(stream), failing (instead of hanging) if it takes over timeout s."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(("ok", list(stream)))
+        except BaseException as exc:  # handed to the test thread
+            box.append(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        raise AssertionError(f"the stream did not end within {timeout} s")
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def check_usable(pool: WorkerPool, within: float = 2.0) -> None:
@@ -172,22 +201,22 @@ def test_infinite_input_is_read_lazily(start_method: str) -> None:
 def test_memory_stays_flat_over_long_input() -> None:
     """Streaming 2 million tiny tasks keeps the parent's memory flat.
 
-    Measured as current RSS sampled along the way, from a baseline taken
-    after 200,000 results.  The rings are shared memory whose pages count in
-    RSS once touched, so the smallest ring size (64 KiB) keeps that out of
-    the figure.  Holding on to every result would cost over 60 MB; the
+    Measured as the parent's private resident memory (RssAnon), sampled
+    along the way, from a baseline taken after 200,000 results.  RssAnon
+    leaves out the shared rings and arenas, whose pages count in plain RSS
+    once touched.  Holding on to every result would cost over 60 MB; the
     bound is 16 MB.
     """
     total = 2_000_000
     baseline = None
     peak = 0
     count = 0
-    with WorkerPool(2, start_method="fork", ring_size=65536) as pool:
+    with WorkerPool(2, start_method="fork") as pool:
         for count, result in enumerate(pool.process_stream(increment, (i for i in range(total))), 1):
             if result != count:
                 pytest.fail(f"result {count - 1} was {result}, expected {count}")
             if count % 100_000 == 0:
-                rss = current_rss()
+                rss = private_rss()
                 if count == 200_000:
                     baseline = rss
                 if baseline is not None:
@@ -195,6 +224,20 @@ def test_memory_stays_flat_over_long_input() -> None:
     assert count == total
     assert baseline is not None
     assert peak - baseline < 16 * 2**20
+
+
+def test_stream_over_smallest_ring_finishes() -> None:
+    """A stream of many small tasks over the smallest ring (64 KiB) ends,
+    with every result in order."""
+    with WorkerPool(2, start_method="fork", ring_size=65536) as pool:
+        stream = pool.process_stream(increment, (i for i in range(100_000)))
+        try:
+            results = consume_within(stream, timeout=10)
+        finally:
+            stream.close()
+            if not stream._sink.finished:  # stuck: do not hang the shutdown
+                pool.terminate()
+    assert results == list(range(1, 100_001))
 
 
 # -- closing early ------------------------------------------------------------------
@@ -211,25 +254,29 @@ def test_closing_early_stops_reading_input(how: str) -> None:
     buffer_size, slack = 32, 32 // (2 * 2)
     source = CountingSource()
     with WorkerPool(2, start_method="fork") as pool:
-        stream = pool.process_stream(increment, source, buffer_size=buffer_size)
         consumed = 0
-        try:
+        if how == "close":
+            stream = pool.process_stream(increment, source, buffer_size=buffer_size)
             for result in stream:
                 consumed += 1
                 assert result == consumed
                 if consumed == 100:
-                    if how == "break":
-                        break
-                    if how == "close":
-                        stream.close()
-                    else:
+                    stream.close()
+                    break
+        else:
+            # The usual pattern: the loop holds the only reference, so
+            # leaving it (break, or an exception unwinding past it) drops
+            # the stream.
+            try:
+                for result in pool.process_stream(increment, source, buffer_size=buffer_size):
+                    consumed += 1
+                    assert result == consumed
+                    if consumed == 100:
+                        if how == "break":
+                            break
                         raise Stop
-        except Stop:
-            pass
-        if how == "break":
-            # Leaving a for loop does not close an iterator by itself;
-            # dropping the last reference does.
-            del stream
+            except Stop:
+                pass
         assert consumed == 100
         time.sleep(0.1)  # the engine gets a moment to see the close
         pulled = source.pulled
@@ -252,15 +299,17 @@ def test_closing_early_abandons_running_task(start_method: str, how: str, tmp_pa
                 assert result == 0
                 # Both workers are now busy with 30 s tasks.
                 wait_until(lambda: len(started(tmp_path)) >= 3, timeout=WAIT)
-                if how == "break":
-                    break
                 if how == "close":
                     stream.close()
+                    break
+                if how == "break":
                     break
                 raise Stop
         except Stop:
             pass
-        if how == "break":
+        if how != "close":
+            # Leaving a loop (break or exception) does not close an
+            # iterator; dropping the last reference to it does.
             del stream
         begin = time.monotonic()
         check_usable(pool, within=2.0)
@@ -269,6 +318,18 @@ def test_closing_early_abandons_running_task(start_method: str, how: str, tmp_pa
         assert len(before) == 3
         time.sleep(0.3)
         assert started(tmp_path) == before
+
+
+def test_closed_stream_yields_nothing_more() -> None:
+    """After close(), next() raises StopIteration at once, even though
+    results were already delivered to the stream."""
+    with WorkerPool(2, start_method="fork") as pool:
+        stream = pool.process_stream(increment, range(10_000))
+        assert list(itertools.islice(stream, 500)) == list(range(1, 501))
+        stream.close()
+        with pytest.raises(StopIteration):
+            next(stream)
+        check_usable(pool)
 
 
 # -- errors ---------------------------------------------------------------------------
