@@ -111,7 +111,7 @@ class Call:
             return None
         return self.length - self.next_index
 
-    def take(self, limit: int) -> tuple[Any, list[Any], list[int] | None, bool]:
+    def take(self, limit: int) -> tuple[Any, Any, list[int] | None, bool]:
         """Up to limit tasks to send: (indices, tasks, attempts, isolated).
 
         indices is a range for fresh tasks, a list for resent ones.
@@ -141,7 +141,7 @@ class Call:
             self.sink.set_length(self.next_index)
         return range(start, self.next_index), tasks, None, False
 
-    def _take_pending(self, limit: int) -> tuple[Any, list[Any], list[int] | None, bool]:
+    def _take_pending(self, limit: int) -> tuple[Any, Any, list[int] | None, bool]:
         first = self.pending[0]
         if first[3]:
             self.pending.popleft()

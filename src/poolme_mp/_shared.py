@@ -84,10 +84,10 @@ class _Segment:
             self.fd = -1
 
 
-_attached: OrderedDict[tuple[int, int, int], _Segment] = OrderedDict()
+_attached: OrderedDict[tuple[int, int, int, int], _Segment] = OrderedDict()
 
 
-class SharedArray(np.ndarray):  # type: ignore[type-arg]
+class SharedArray(np.ndarray):
     """A numpy array whose data lives in shared memory (see share()).
 
     It behaves as any ndarray.  Passed to a worker, it travels by
@@ -123,7 +123,7 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg]
         return key, address - segment.address, base.shape, base.strides, base.dtype.str
 
 
-def _byte_bounds(array: np.ndarray) -> tuple[int, int]:  # type: ignore[type-arg]
+def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
     """Lowest and one-past-highest byte address an array's view touches."""
     interface = array.__array_interface__
     low = high = interface["data"][0]
@@ -138,7 +138,7 @@ def _byte_bounds(array: np.ndarray) -> tuple[int, int]:  # type: ignore[type-arg
     return low, high + array.itemsize
 
 
-def share(array: npt.ArrayLike, dtype: npt.DTypeLike = None) -> SharedArray:
+def share(array: npt.ArrayLike, dtype: npt.DTypeLike | None = None) -> SharedArray:
     """Copy array into shared memory once; pass the result to any number
     of tasks at no per-task cost.  Object arrays cannot be shared."""
     source = np.asarray(array, dtype=dtype)
@@ -204,7 +204,7 @@ class RowBlock:
 
     __slots__ = ("rows",)
 
-    def __init__(self, rows: SharedArray) -> None:
+    def __init__(self, rows: Any) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
@@ -230,7 +230,7 @@ class SharedRows:
 
     row_blocks = True
 
-    def __init__(self, array: np.ndarray) -> None:  # type: ignore[type-arg]
+    def __init__(self, array: np.ndarray) -> None:
         self.array = array if isinstance(array, SharedArray) and array.shared_reference() else share(array)
 
     def __len__(self) -> int:
