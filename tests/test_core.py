@@ -172,22 +172,22 @@ def test_process_list_keeps_input_order(pool):
     assert pool.process(square, tasks, timeout=T) == [25, 9, 81, 1, 49, 0, 4]
 
 
-def test_process_tuple_keeps_input_order(pool):
+def test_process_tuple_keeps_input_order(fork_pool):
     """process() over a tuple returns a list, in input order."""
-    result = pool.process(square, (4, -2, 6), timeout=T)
+    result = fork_pool.process(square, (4, -2, 6), timeout=T)
     assert result == [16, 4, 36]
     assert type(result) is list
 
 
-def test_process_range_keeps_input_order(pool):
+def test_process_range_keeps_input_order(fork_pool):
     """process() over a range returns a list in range order."""
-    assert pool.process(square, range(10, 0, -1), timeout=T) == [x * x for x in range(10, 0, -1)]
+    assert fork_pool.process(square, range(10, 0, -1), timeout=T) == [x * x for x in range(10, 0, -1)]
 
 
-def test_process_generator_keeps_input_order(pool):
+def test_process_generator_keeps_input_order(fork_pool):
     """process() reads a generator lazily and keeps its order."""
-    assert pool.process(square, numbers(500), timeout=T) == [i * i for i in range(500)]
-    assert pool.process(square, (x for x in [3, 1, 2]), timeout=T) == [9, 1, 4]
+    assert fork_pool.process(square, numbers(500), timeout=T) == [i * i for i in range(500)]
+    assert fork_pool.process(square, (x for x in [3, 1, 2]), timeout=T) == [9, 1, 4]
 
 
 def test_tuple_tasks_are_passed_whole(pool):
@@ -241,9 +241,9 @@ def test_process_empty_input_on_unstarted_pool(start_method):
         p.shutdown()
 
 
-def test_process_single_task(pool):
+def test_process_single_task(fork_pool):
     """A batch of one task returns a one-element list."""
-    assert pool.process(square, [12], timeout=T) == [144]
+    assert fork_pool.process(square, [12], timeout=T) == [144]
 
 
 def test_process_100k_tiny_tasks_equal_serial(pool):
@@ -417,6 +417,29 @@ def test_function_changed_between_calls_is_not_stale(fork_pool):
     assert fork_pool.process(lambda x: x + captured[0], [1], timeout=T) == [21]
 
 
+def test_more_distinct_functions_than_the_worker_cache_holds():
+    """Past the workers' function cache size, old and new functions still run their own code."""
+    with WorkerPool(1, start_method="fork") as p:
+        fns = [(lambda k: (lambda x: x * 1000 + k))(k) for k in range(80)]
+        got = [p.process(fn, [1], timeout=T)[0] for fn in fns]
+        assert got == [1000 + k for k in range(80)]
+        # The first ones were evicted from the worker's cache: they must be resent.
+        assert [p.process(fns[k], [2], timeout=T)[0] for k in (0, 1, 79, 5)] == [
+            2000, 2001, 2079, 2005]
+
+
+def test_locally_defined_class_as_result(fork_pool):
+    """An instance of a class defined inside the test function comes back by value."""
+
+    class Local:
+        def __init__(self, v):
+            self.v = v
+
+    results = fork_pool.process(lambda v: Local(v * 2), [1, 2], timeout=T)
+    assert [r.v for r in results] == [2, 4]
+    assert [type(r).__name__ for r in results] == ["Local", "Local"]
+
+
 # --------------------------------------------------------------------------
 # Functions defined in __main__
 # --------------------------------------------------------------------------
@@ -553,6 +576,23 @@ def test_process_map_rejects_non_pairs_naming_mapping(bad):
         assert str(info.value).startswith("mapping")
     finally:
         p.shutdown()
+
+
+def append_line(path, x):
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+def test_process_map_rejects_unhashable_key_before_running(tmp_path, fork_pool):
+    """An unhashable key in a pair list raises TypeError naming 'mapping' before any task runs."""
+    log = tmp_path / "ran.txt"
+    fn = functools.partial(append_line, str(log))
+    with pytest.raises(TypeError) as info:
+        fork_pool.process_map(fn, [(["unhashable"], 1), ("ok", 2)], timeout=T)
+    assert str(info.value).startswith("mapping"), str(info.value)
+    time.sleep(0.2)
+    assert not log.exists(), f"tasks ran before the bad key was noticed: {log.read_text()!r}"
 
 
 def test_process_map_rejects_non_callable_naming_fn():
@@ -816,6 +856,36 @@ def test_terminate_kills_workers_and_closes_pool(start_method):
     p.shutdown()  # and shutdown after terminate too
 
 
+def test_terminate_unstarted_pool():
+    """terminate() on a pool that never started is fine and closes it."""
+    p = WorkerPool(2, start_method="fork")
+    p.terminate()
+    with pytest.raises(PoolClosedError):
+        p.process(square, [1], timeout=T)
+
+
+def test_shutdown_without_wait_stops_workers():
+    """shutdown(wait=False) returns at once; the pool refuses work and its workers exit."""
+    p = WorkerPool(2, start_method="fork")
+    pids = set(p.process(sleep_then_pid, [0.05] * 4, timeout=T))
+    p.shutdown(wait=False)
+    with pytest.raises(PoolClosedError):
+        p.process(square, [1], timeout=T)
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10)
+    p.shutdown()
+
+
+def test_dropped_pool_stops_its_workers():
+    """A pool garbage-collected without shutdown still stops its workers."""
+    import gc
+
+    p = WorkerPool(2, start_method="fork")
+    pids = set(p.process(sleep_then_pid, [0.05] * 4, timeout=T))
+    del p
+    gc.collect()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10)
+
+
 def test_terminate_fails_a_running_call():
     """terminate() from another thread makes a running process() raise PoolClosedError promptly."""
     p = WorkerPool(2, start_method="fork")
@@ -897,6 +967,66 @@ def test_concurrent_calls_from_threads_get_their_own_results(start_method):
     }
     for k in range(4):
         assert results[k] == [expected[k]] * 3, k
+
+
+def test_concurrent_first_use_starts_one_set_of_workers():
+    """Threads racing to make the first call on an unstarted pool share one set of workers."""
+    p = WorkerPool(2, start_method="fork")
+    try:
+        outcome: dict[int, object] = {}
+        barrier = threading.Barrier(4, timeout=T)
+
+        def run(k):
+            try:
+                barrier.wait()
+                outcome[k] = p.process(sleep_then_pid, [0.02] * 10, timeout=T)
+            except BaseException as exc:  # noqa: BLE001
+                outcome[k] = exc
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=T)
+        assert not any(t.is_alive() for t in threads)
+        assert all(isinstance(outcome[k], list) and len(outcome[k]) == 10 for k in range(4)), outcome
+        all_pids = {pid for k in range(4) for pid in outcome[k]}
+        assert len(all_pids) == 2
+    finally:
+        p.shutdown()
+
+
+def test_concurrent_failing_and_succeeding_calls_stay_separate(fork_pool):
+    """A failing call in one thread does not disturb calls of other threads."""
+    outcome: dict[int, object] = {}
+
+    def ok(x):
+        return x + 1
+
+    def bad(x):
+        if x == 50:
+            raise ValueError("thread-local failure")
+        return x
+
+    def run(k):
+        fn = bad if k % 2 else ok
+        try:
+            outcome[k] = fork_pool.process(fn, range(200), timeout=T)
+        except BaseException as exc:  # noqa: BLE001
+            outcome[k] = exc
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=T)
+    assert not any(t.is_alive() for t in threads)
+    for k in (0, 2):
+        assert outcome[k] == list(range(1, 201))
+    for k in (1, 3):
+        assert isinstance(outcome[k], TaskError)
+        assert outcome[k].index == 50
+        assert str(outcome[k].__cause__) == "thread-local failure"
 
 
 def test_concurrent_same_function_different_data(fork_pool):

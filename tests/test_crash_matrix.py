@@ -35,8 +35,7 @@ import pytest
 
 CHILD_TIMEOUT = 60
 
-# WHERE x "raise": (error type, direction, message part).  {pid} is the
-# reporting worker's pid.
+# WHERE x "raise": (error type, direction, message part).
 RAISE_EXPECTED = {
     "task_pickle": (
         "TaskSerializationError", "task",

@@ -10,8 +10,10 @@ tasks, and functions, arguments and results that cannot be pickled.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import pickle
+import sys
 import threading
 import time
 
@@ -257,6 +259,52 @@ def test_failure_reading_the_input_raises_task_error(fork_pool):
     assert fork_pool.process(fail_at_3, [2], timeout=T) == [20]
 
 
+def slow_or_fail(x):
+    if x == 0:
+        time.sleep(0.05)
+        raise ValueError("fails fast")
+    time.sleep(5)
+    return x
+
+
+def test_first_failure_raises_without_waiting_for_slow_tasks(fork_pool):
+    """The first failure raises at once, without waiting for tasks still running elsewhere."""
+    t0 = time.monotonic()
+    with pytest.raises(TaskError) as info:
+        fork_pool.process(slow_or_fail, [0, 1, 2, 3], timeout=T)
+    assert time.monotonic() - t0 < 2.5
+    assert info.value.index == 0
+    # The worker stuck in a 5 s task is replaced; the pool keeps working.
+    assert fork_pool.process(fail_at_3, [1, 2, 4], timeout=T) == [10, 20, 40]
+
+
+@pytest.fixture
+def late_module(tmp_path, monkeypatch):
+    """A module importable in this process only, from a path added after the workers started."""
+    (tmp_path / "late_module_xyz.py").write_text("def late(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module("late_module_xyz")
+    finally:
+        sys.modules.pop("late_module_xyz", None)
+
+
+def test_function_that_cannot_be_unpickled_in_worker(start_method, request):
+    """A function the workers cannot import fails the call with TaskError caused by the import error."""
+    with WorkerPool(2, start_method=start_method) as p:
+        p.process(fail_at_3, [1], timeout=T)  # workers are up, with the old sys.path
+        module = request.getfixturevalue("late_module")
+        assert module.late(1) == 2
+        with pytest.raises(TaskError) as info:
+            p.process(module.late, [1, 2], timeout=T)
+        e = info.value
+        assert type(e.__cause__) is ModuleNotFoundError
+        assert "late_module_xyz" in str(e.__cause__)
+        assert str(e).startswith("the function could not be unpickled in worker pid")
+        assert e.worker_pid not in (None, os.getpid())
+        assert p.process(fail_at_3, [2], timeout=T) == [20]
+
+
 # --------------------------------------------------------------------------
 # continue_on_error
 # --------------------------------------------------------------------------
@@ -405,6 +453,54 @@ def test_return_exceptions_process_map(fork_pool):
     assert type(result["a"]) is TaskError
     assert (result["a"].key, result["a"].index) == ("a", 0)
     assert result["b"] == 10
+
+
+def gen_values(n):
+    yield from range(n)
+
+
+def test_failures_with_generator_input_keep_their_places(fork_pool):
+    """With generator input, continue_on_error and return_exceptions put errors at the right index."""
+    results = fork_pool.process(fail_at_3, gen_values(4), return_exceptions=True, timeout=T)
+    assert [type(r) for r in results] == [int, int, int, TaskError]
+    assert results[:3] == [0, 10, 20] and results[3].index == 3
+    with pytest.raises(TaskErrorGroup) as info:
+        fork_pool.process(fail_on_multiples_of_3, gen_values(7), continue_on_error=True, timeout=T)
+    group = info.value
+    assert [e.index for e in group.exceptions] == [0, 3, 6]
+    assert len(group.results) == 7
+    assert [group.results[i] for i in (1, 2, 4, 5)] == [-1, -2, -4, -5]
+
+
+def raise_oserror(x):
+    error = OSError(2, "No such file or directory", f"/nonexistent/{x}")
+    error.extra = {"x": x}
+    raise error
+
+
+def test_exception_attributes_survive(fork_pool):
+    """The cause keeps its standard and custom attributes (errno, filename, extra)."""
+    with pytest.raises(TaskError) as info:
+        fork_pool.process(raise_oserror, ["f"], timeout=T)
+    cause = info.value.__cause__
+    assert type(cause) is FileNotFoundError
+    assert (cause.errno, cause.strerror, cause.filename) == (2, "No such file or directory", "/nonexistent/f")
+    assert cause.extra == {"x": "f"}
+
+
+def test_exception_class_local_to_the_test_is_rebuilt_as_itself(pool):
+    """An exception class defined inside the test comes back as that very class."""
+
+    class LocalError(Exception):
+        pass
+
+    def fail(x):
+        raise LocalError(f"local {x}")
+
+    with pytest.raises(TaskError) as info:
+        pool.process(fail, [4], timeout=T)
+    assert type(info.value.__cause__) is LocalError
+    assert info.value.__cause__.args == ("local 4",)
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import operator
 import os
 import threading
 import time
@@ -176,12 +175,34 @@ def test_futures_work_with_asyncio_wrap_future() -> None:
         assert asyncio.run(main()) == [0, 1, 4, 9, 16]
 
 
+def test_cancelling_wrapped_future_cancels_queued_task(tmp_path: Path) -> None:
+    """Cancelling the asyncio wrapper of a queued pool future cancels the
+    pool future, and its task never runs."""
+    with WorkerPool(1, start_method="fork") as pool:
+        busy = pool.submit(mark_then_sleep, (str(tmp_path), 0, 0.5))
+        wait_until(lambda: (tmp_path / "started-0").exists(), timeout=WAIT)
+        queued = pool.submit(mark, str(tmp_path), "queued")
+
+        async def main() -> None:
+            wrapped = asyncio.wrap_future(queued)
+            wrapped.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(wrapped, timeout=WAIT)
+
+        asyncio.run(main())
+        wait_until(queued.cancelled, timeout=5)
+        assert busy.result(timeout=WAIT) == 0
+        assert pool.submit(mark, str(tmp_path), "after").result(timeout=WAIT) == "after"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ran-after", "started-0"]
+
+
 def test_future_cancelled_before_start_never_runs(start_method: str, tmp_path: Path) -> None:
     """A future cancelled while it waits for a worker never runs."""
     with WorkerPool(1, start_method=start_method) as pool:
         busy = pool.submit(mark_then_sleep, (str(tmp_path), 0, 0.8))
         wait_until(lambda: (tmp_path / "started-0").exists(), timeout=WAIT)
         queued = [pool.submit(mark, str(tmp_path), f"q{i}") for i in range(5)]
+        assert busy.cancel() is False  # already running
         assert [f.cancel() for f in queued] == [True] * 5
         assert all(f.cancelled() for f in queued)
         after = pool.submit(mark, str(tmp_path), "after")
@@ -403,3 +424,25 @@ def test_deadline_or_cancel_stops_the_call(start_method: str, kind: str, api: st
         assert not set(new_pids) & set(ran.values())  # fresh workers
         time.sleep(0.3)
         assert started(tmp_path) == ran
+
+
+@pytest.mark.parametrize("api", ["process", "process_map", "process_stream"])
+@pytest.mark.parametrize("kind", ["timeout", "cancel"])
+def test_deadline_already_passed_runs_nothing(kind: str, api: str, tmp_path: Path) -> None:
+    """timeout=0 or a cancel token set before the call raises at once and
+    starts no task."""
+    tasks = [(str(tmp_path), i, 0.0) for i in range(6)]
+    token = threading.Event()
+    token.set()
+    options: dict[str, Any] = {"timeout": 0} if kind == "timeout" else {"cancel": token}
+    expected = CallTimeoutError if kind == "timeout" else CallCancelledError
+    with WorkerPool(2, start_method="fork") as pool:
+        pool.start()
+        check_usable(pool, within=WAIT)
+        begin = time.monotonic()
+        with pytest.raises(expected):
+            run_api(pool, api, tasks, **options)
+        assert time.monotonic() - begin < 1.0
+        time.sleep(0.2)
+        assert started(tmp_path) == {}
+        check_usable(pool)

@@ -270,6 +270,22 @@ def test_rate_limit_holds_over_ten_seconds(tmp_path: Path) -> None:
     assert _max_in_window(starts) <= rate + burst + 1
 
 
+def test_rate_limit_keeps_up_at_a_high_rate() -> None:
+    """rate_limit=250 (default burst 1) releases 250 tasks/s +- 2%: late wakeups must not lose permits."""
+    rate, seconds = 250, 2.0
+    released: list[float] = []
+    with WorkerPool(2, rate_limit=rate,
+                    on_task_start=lambda _: released.append(time.monotonic())) as pool:
+        pool.process(ch.square, [1], timeout=CALL_TIMEOUT)
+        with pytest.raises(CallTimeoutError):
+            pool.process(ch.square, [1] * 100_000, timeout=seconds + 0.5)
+    first = released[1]  # released[0] is the warm-up task
+    count = sum(1 for t in released[1:] if t < first + seconds)
+    assert abs(count - rate * seconds) <= 0.02 * rate * seconds, (
+        f"{count} releases in {seconds} s at rate_limit={rate}")
+    assert _max_in_window(released[1:]) <= rate + 1
+
+
 def test_token_bucket_shared_by_two_pools(tmp_path: Path) -> None:
     """One TokenBucket given to two pools limits their combined task starts."""
     rate, per_pool = 40, 40

@@ -80,6 +80,11 @@ class Call:
         # once known, and whether a first result is being awaited to learn
         # the shape of each item.
         self.typed_output = getattr(sink, "typed", False)
+        # An ordered stream that must stop at its first failure: the index
+        # of the earliest failure so far, whose error the consumer raises
+        # once every result before it has been handed out.
+        self.ordered_stream = isinstance(sink, StreamSink) and sink.ordered
+        self.fail_index: int | None = None
         # Out-of-band bytes per task seen so far, to keep frames within the
         # data arena.
         self.bytes_per_task = 0

@@ -100,6 +100,7 @@ class Frame:
     spill: _codec.Spill | None
     typed: bool = False
     arena_region: tuple[int, int] | None = None
+    sent_ns: int = 0
 
     def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
         attempts = self.attempts
@@ -727,16 +728,30 @@ class Engine:
             self._callback(call, self.options.on_task_end, self._task_ref(call, index), error)
         if call.done:
             return
-        if call.stop_on_error:
+        if call.stop_on_error and call.ordered_stream:
+            self._fail_in_order(call, index, error)
+        elif call.stop_on_error:
             self._abort_call(call, error)
         else:
             call.sink.fail(index, error)
+
+    def _fail_in_order(self, call: Call, index: int, error: TaskError) -> None:
+        """Stop an ordered stream at a failure without losing the results
+        before it: read no more input, drop later queued tasks, and let the
+        earlier ones finish; the consumer raises on reaching the failure."""
+        if call.fail_index is None or index < call.fail_index:
+            call.fail_index = index
+        call.exhausted = True
+        call.pending = deque(item for item in call.pending if item[0] < call.fail_index)
+        call.sink.fail(index, error)
 
     def _release_retries(self) -> None:
         now = time.monotonic()
         while self.retries and self.retries[0][0] <= now:
             _, _, call, item = heapq.heappop(self.retries)
             call.delayed -= 1
+            if call.fail_index is not None and item[0] > call.fail_index:
+                continue
             if not call.done:
                 call.pending.append(item)
                 self._make_ready(call)
@@ -881,7 +896,7 @@ class Engine:
                 continue
             if len(handle.frames) >= self._frames_allowed(handle):
                 continue
-            if best is None or len(handle.frames) < len(best.frames):
+            if best is None or _load(handle) < _load(best):
                 best = handle
         return best
 
@@ -892,8 +907,14 @@ class Engine:
             return 1
         if not handle.frames:
             return 1
-        cost = self.costs.get(handle.frames[-1].call.fn_id)
+        head = handle.frames[0]
+        cost = self.costs.get(head.call.fn_id)
         if cost is None or cost[0] >= SLOW_TASK_NS:
+            return 1
+        # A frame running far past its expected time holds a slow task:
+        # queue nothing behind it while other workers may be free.
+        expected = cost[0] * len(head.tasks)
+        if _dispatch.monotonic_ns() - head.sent_ns > max(4 * expected, 1_000_000):
             return 1
         return 2
 
@@ -978,6 +999,7 @@ class Engine:
         if pushed == 2:
             os.eventfd_write(handle.doorbell, 1)
         self._remember_function(handle, call.fn_id, fn_known)
+        frame.sent_ns = _dispatch.monotonic_ns()
         handle.frames.append(frame)
         handle.tasks_sent += len(frame.tasks)
         call.in_flight += len(frame.tasks)
@@ -1120,6 +1142,15 @@ class Engine:
                 pass
         _live_engines.discard(self)
         self.stopped.set()
+
+
+def _load(handle: WorkerHandle) -> tuple[int, int]:
+    """Order workers by frames queued, then by how long the running frame
+    has run (a worker that took its frame recently is likelier to be free
+    soon than one stuck on a long task)."""
+    if not handle.frames:
+        return (0, 0)
+    return (len(handle.frames), -handle.frames[0].sent_ns)
 
 
 def _take_rows(block: Any, count: int) -> Any:

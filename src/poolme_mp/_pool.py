@@ -146,6 +146,10 @@ class WorkerPool(concurrent.futures.Executor):
         if rate_limit is not None and rate_limiter is not None:
             raise ValueError("rate_limit and rate_limiter are exclusive: pass one")
         if rate_limit is not None:
+            check_number("rate_limit", rate_limit, minimum=0.0)
+            if rate_limit <= 0:
+                raise ValueError(f"rate_limit must be positive, got {rate_limit!r}")
+            check_int("burst", burst, minimum=1)
             rate_limiter = TokenBucket(rate_limit, burst)
         elif rate_limiter is not None and not isinstance(rate_limiter, RateLimiter):
             raise TypeError(f"rate_limiter must have a try_acquire() method, got {rate_limiter!r}")
@@ -367,6 +371,11 @@ class WorkerPool(concurrent.futures.Executor):
             if any(not isinstance(p, tuple) or len(p) != 2 for p in pairs):
                 raise TypeError("mapping must be a Mapping or an iterable of (key, value) pairs")
             keys, values = [k for k, _ in pairs], [v for _, v in pairs]
+            for key in keys:
+                try:
+                    hash(key)
+                except TypeError:
+                    raise TypeError(f"mapping keys must be hashable, got {key!r}") from None
         sink = ListSink(len(values), return_exceptions=return_exceptions,
                         progress=_progress_bar(progress, len(values)))
         call = self._call(fn, values, mode=_dispatch.MODE_MAP, sink=sink, length=len(values),
@@ -493,6 +502,9 @@ class ResultStream(Iterator[R]):
                 if type(value) is Failure:
                     if self._sink.return_exceptions:
                         return value.error  # type: ignore[return-value]
+                    if self._call.stop_on_error:
+                        self.close()
+                        raise value.error
                     self._errors.append(value.error)
                     continue
                 return value  # type: ignore[no-any-return]
@@ -525,6 +537,7 @@ class ResultStream(Iterator[R]):
 
     def close(self) -> None:
         """Stop the stream: read no more input, drop work in flight."""
+        self._chunk = iter(())
         if not self._closed:
             self._closed = True
             if not self._sink.finished:
