@@ -11,6 +11,7 @@ import ctypes
 import faulthandler
 import multiprocessing
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -252,6 +253,18 @@ def _shm_entries() -> set[str]:
         return set()
 
 
+def _someone_elses(name: str) -> bool:
+    """True if an shm entry is named after a live process outside this test
+    run (libraries such as joblib put their pid in the name): on a shared
+    machine, other programs' entries come and go during a test."""
+    ours = {os.getpid(), *(pid for pid, _ in _descendants())}
+    for token in re.findall(r"\d{3,}", name):
+        pid = int(token)
+        if pid not in ours and os.path.exists(f"/proc/{pid}"):
+            return True
+    return False
+
+
 def _wait_for_cleanup(
     baseline_procs: set[tuple[int, int]], baseline_shm: set[str]
 ) -> tuple[dict[tuple[int, int], Proc], set[str]]:
@@ -259,7 +272,7 @@ def _wait_for_cleanup(
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
         procs = _new_procs(baseline_procs)
-        shm = _shm_entries() - baseline_shm
+        shm = {name for name in _shm_entries() - baseline_shm if not _someone_elses(name)}
         if (not procs and not shm) or time.monotonic() >= deadline:
             return procs, shm
         time.sleep(0.05)

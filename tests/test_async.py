@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from poolme_mp import TaskError, WorkerPool
+from poolme_mp import TaskError, TaskErrorGroup, WorkerPool
 
 T = TypeVar("T")
 
@@ -180,6 +180,42 @@ def test_aprocess_stream_raises_task_error() -> None:
         seen, error = run(collect)
     assert seen == [0, 1, 2]
     assert isinstance(error, TaskError) and error.index == 3
+
+
+def test_aprocess_stream_return_exceptions_yields_task_error() -> None:
+    """aprocess_stream(return_exceptions=True) yields the TaskError itself in
+    the failing task's place, like process_stream."""
+    with WorkerPool(2, start_method="fork") as pool:
+
+        async def collect() -> list[Any]:
+            return [r async for r in pool.aprocess_stream(
+                fail_on_three, range(6), return_exceptions=True)]
+
+        results = run(collect)
+    assert len(results) == 6
+    assert isinstance(results[3], TaskError) and results[3].index == 3
+    assert results[:3] + results[4:] == [0, 1, 2, 4, 5]
+
+
+def test_aprocess_stream_continue_on_error_raises_group_at_end() -> None:
+    """aprocess_stream(continue_on_error=True) yields every success, then
+    raises a TaskErrorGroup, like process_stream."""
+    with WorkerPool(2, start_method="fork") as pool:
+
+        async def collect() -> tuple[list[Any], BaseException | None]:
+            seen: list[Any] = []
+            try:
+                async for result in pool.aprocess_stream(
+                        fail_on_three, range(6), continue_on_error=True):
+                    seen.append(result)
+            except TaskErrorGroup as exc:
+                return seen, exc
+            return seen, None
+
+        seen, group = run(collect)
+    assert seen == [0, 1, 2, 4, 5]
+    assert isinstance(group, TaskErrorGroup)
+    assert [e.index for e in group.exceptions] == [3]
 
 
 def test_cancelling_aprocess_stream_cancels_the_work(tmp_path: Path) -> None:

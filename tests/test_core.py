@@ -143,8 +143,7 @@ RESULT_KINDS = [
 
 
 def numbers(n: int) -> Iterator[int]:
-    for i in range(n):
-        yield i
+    yield from range(n)
 
 
 @pytest.fixture
@@ -420,7 +419,7 @@ def test_function_changed_between_calls_is_not_stale(fork_pool):
 def test_more_distinct_functions_than_the_worker_cache_holds():
     """Past the workers' function cache size, old and new functions still run their own code."""
     with WorkerPool(1, start_method="fork") as p:
-        fns = [(lambda k: (lambda x: x * 1000 + k))(k) for k in range(80)]
+        fns = [functools.partial(lambda k, x: x * 1000 + k, k) for k in range(80)]
         got = [p.process(fn, [1], timeout=T)[0] for fn in fns]
         assert got == [1000 + k for k in range(80)]
         # The first ones were evicted from the worker's cache: they must be resent.
@@ -519,7 +518,7 @@ def test_process_map_iterable_of_pairs(fork_pool):
     gen = ((k, v) for k, v in pairs)
     assert list(fork_pool.process_map(square, gen, timeout=T).items()) == [
         ("b", 4), ("a", 9), ("c", 16)]
-    assert fork_pool.process_map(square, zip("xy", [5, 6]), timeout=T) == {"x": 25, "y": 36}
+    assert fork_pool.process_map(square, zip("xy", [5, 6], strict=True), timeout=T) == {"x": 25, "y": 36}
     assert fork_pool.process_map(square, {"k": 3}.items(), timeout=T) == {"k": 9}
 
 

@@ -3,9 +3,15 @@
 The ``ast`` and ``images`` workloads run on real input that installed packages
 ship (the running Python's standard library, scikit-image's bundled sample
 images), so nobody on this team chose their task sizes; ``tiny`` squares a
-million integers to expose per-task overhead.  Every runner maps a
-module-level function over a list of tasks and returns the results in input
-order; the serial runner's results are the reference the pools must reproduce.
+million integers to expose per-task overhead.  The ``array-*`` workloads move
+8 MB numpy arrays to the workers (and back), and ``typed`` maps a float
+function over a numpy vector.  Every runner maps a module-level function over
+a list of tasks and returns the results in input order; the serial runner's
+results are the reference the pools must reproduce.
+
+Beside the workloads: streaming throughput (``Pool.imap`` against
+``process_stream``), the latency of one ``submit``, the cost of a progress
+bar, and the time from constructing a pool to its first result.
 
 The task functions live at module level here so that every peer pool, whatever
 its start method, can pickle them by reference.
@@ -17,23 +23,31 @@ import ast
 import functools
 import importlib
 import importlib.util
+import io
+import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import sysconfig
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from typing import Any
 
 Task = Any
 Result = Any
 TaskFn = Callable[[Task], Result]
-#: A started pool's map: ``mapper(fn, tasks)`` returns ``[fn(t) for t in tasks]``.
-Mapper = Callable[[TaskFn, Sequence[Task]], list[Result]]
+#: A started pool's map: ``mapper(fn, tasks)`` returns ``[fn(t) for t in tasks]``
+#: (a list, or for typed output a numpy array, which indexes like one).
+Mapper = Callable[[TaskFn, Sequence[Task]], Sequence[Result]]
+#: Whether a runner's results (first) match the serial ones (second).
+ResultCheck = Callable[[Sequence[Result], Sequence[Result]], bool]
 
 
 def import_untyped(module: str) -> Any:
@@ -240,8 +254,92 @@ def square(number: int) -> int:
 
 
 # --------------------------------------------------------------------------
-# Registry of workloads
+# Workloads (d)-(g): numpy arrays
 # --------------------------------------------------------------------------
+
+#: Elements of each array task: 1,000,000 float64 values, 8 MB.
+ARRAY_ELEMENTS = 1_000_000
+_FULL_SUM_ARRAYS = 100
+_QUICK_SUM_ARRAYS = 40
+_FULL_RETURN_ARRAYS = 50
+_QUICK_RETURN_ARRAYS = 20
+_FULL_TYPED = 2_000_000
+_QUICK_TYPED = 500_000
+#: Seeds the arrays, so every run and every runner sums the same numbers.
+_ARRAY_SEED = 20_240_601
+
+
+def random_arrays(count: int) -> list[Any]:
+    """``count`` float64 arrays of ``ARRAY_ELEMENTS`` uniform values each."""
+    import numpy as np
+
+    generator = np.random.default_rng(_ARRAY_SEED)
+    return [generator.random(ARRAY_ELEMENTS) for _ in range(count)]
+
+
+def array_sum_tasks(quick: bool) -> list[Any]:
+    """The arrays that ``array-sum`` and ``array-shared`` reduce."""
+    return random_arrays(_QUICK_SUM_ARRAYS if quick else _FULL_SUM_ARRAYS)
+
+
+def array_return_tasks(quick: bool) -> list[Any]:
+    """The arrays that ``array-return`` doubles and sends back."""
+    return random_arrays(_QUICK_RETURN_ARRAYS if quick else _FULL_RETURN_ARRAYS)
+
+
+def typed_tasks(quick: bool) -> Any:
+    """``np.arange(N, dtype=np.float64)``: one numpy vector, N scalar tasks."""
+    import numpy as np
+
+    return np.arange(_QUICK_TYPED if quick else _FULL_TYPED, dtype=np.float64)
+
+
+def sum_array(array: Any) -> Any:
+    """``np.sum(array)``; a module-level wrapper so this module imports numpy lazily.
+
+    The same function runs on every side, so the float sums are bit-identical
+    and compare exactly.
+    """
+    import numpy as np
+
+    return np.sum(array)
+
+
+def double(array: Any) -> Any:
+    """``array * 2``: a new 8 MB array that has to travel back to the parent."""
+    return array * 2
+
+
+def half(number: float) -> float:
+    """Halve one float: the scalar task of the ``typed`` workload."""
+    return number * 0.5
+
+
+def as_python_list(array: Any) -> list[Task]:
+    """A numpy array's elements as Python scalars, what ``array.tolist()`` gives."""
+    elements: list[Task] = array.tolist()
+    return elements
+
+
+def same_results(results: Sequence[Result], expected: Sequence[Result]) -> bool:
+    """Plain equality: the check for workloads whose results are Python values."""
+    return list(results) == list(expected)
+
+
+def same_arrays(results: Sequence[Result], expected: Sequence[Result]) -> bool:
+    """Equal length and each result ``np.array_equal`` to its serial one."""
+    import numpy as np
+
+    return len(results) == len(expected) and all(
+        np.array_equal(got, want) for got, want in zip(results, expected, strict=True)
+    )
+
+
+def same_vector(results: Sequence[Result], expected: Sequence[Result]) -> bool:
+    """The results, a list or a numpy array, equal the serial list element-wise."""
+    import numpy as np
+
+    return bool(np.array_equal(np.asarray(results), np.asarray(expected)))
 
 
 @dataclass(frozen=True)
@@ -252,31 +350,10 @@ class Workload:
     description: str
     fn: TaskFn
     build_tasks: Callable[[bool], Sequence[Task]]
-
-
-WORKLOADS: dict[str, Workload] = {
-    workload.name: workload
-    for workload in (
-        Workload(
-            "ast",
-            "ast.parse the stdlib's .py files (task = path, uneven sizes)",
-            parse_summary,
-            ast_tasks,
-        ),
-        Workload(
-            "images",
-            f"gaussian+sobel on {TILE_SIDE}px tiles of skimage.data images",
-            edge_summary,
-            image_tasks,
-        ),
-        Workload(
-            "tiny",
-            "x * x over range(N): pure per-task overhead",
-            square,
-            tiny_tasks,
-        ),
-    )
-}
+    #: How a runner's results are compared with the serial ones.
+    check: ResultCheck = same_results
+    #: The runners for this workload, serial first; ``None`` means ``RUNNERS``.
+    runners: tuple[Runner, ...] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -341,12 +418,16 @@ def open_joblib(workers: int) -> Iterator[Mapper]:
 
 @contextmanager
 def open_mpire(workers: int) -> Iterator[Mapper]:
-    """``mpire.WorkerPool.map``; ``keep_alive`` reuses the workers across maps."""
+    """``mpire.WorkerPool.map``; ``keep_alive`` reuses the workers across maps.
+
+    ``concatenate_numpy_output=False``: by default mpire joins array results
+    into one array, where every other runner returns one array per task.
+    """
     mpire = import_untyped("mpire")
     with mpire.WorkerPool(n_jobs=workers, keep_alive=True) as pool:
 
         def mpire_map(fn: TaskFn, tasks: Sequence[Task]) -> list[Result]:
-            return list(pool.map(fn, tasks))
+            return list(pool.map(fn, tasks, concatenate_numpy_output=False))
 
         yield mpire_map
 
@@ -369,6 +450,59 @@ def open_poolme_mp_fork(workers: int) -> Iterator[Mapper]:
         yield pool.process
 
 
+@contextmanager
+def open_poolme_mp_typed(workers: int) -> Iterator[Mapper]:
+    """``pool.process(fn, array, dtype=np.float64)``: array in, shared array out.
+
+    The input array reaches the workers through shared memory in row blocks,
+    and each float result is written straight into a shared result array.
+    """
+    import numpy as np
+
+    from poolme_mp import WorkerPool
+
+    with WorkerPool(workers) as pool:
+
+        def typed_map(fn: TaskFn, tasks: Sequence[Task]) -> Sequence[Result]:
+            results: Sequence[Result] = pool.process(fn, tasks, dtype=np.float64)
+            return results
+
+        yield typed_map
+
+
+def with_list_input(
+    open_runner: Callable[[int], AbstractContextManager[Mapper]],
+) -> Callable[[int], AbstractContextManager[Mapper]]:
+    """A runner that maps over ``tasks.tolist()``, converted inside the timing.
+
+    For the ``typed`` workload, whose input is a numpy vector: every peer but
+    ``poolme_mp(dtype)`` takes it as a list of Python floats, and pays for the
+    conversion as ``poolme_mp`` pays for its own.
+    """
+
+    @contextmanager
+    def open_with_list_input(workers: int) -> Iterator[Mapper]:
+        with open_runner(workers) as mapper:
+
+            def list_map(fn: TaskFn, tasks: Sequence[Task]) -> Sequence[Result]:
+                return mapper(fn, as_python_list(tasks))
+
+            yield list_map
+
+    return open_with_list_input
+
+
+def share_arrays(arrays: Sequence[Task]) -> list[Task]:
+    """``[poolme_mp.share(a) for a in arrays]``: one copy into shared memory each.
+
+    Imported from ``poolme_mp._shared``: the lazy ``poolme_mp.share`` is typed
+    ``object`` for mypy.
+    """
+    from poolme_mp._shared import share
+
+    return [share(array) for array in arrays]
+
+
 @dataclass(frozen=True)
 class Runner:
     """How to start one peer pool, and whether it may be missing."""
@@ -379,6 +513,9 @@ class Runner:
     is_stdlib: bool = False
     #: Imported from an optional package; skipped, not failed, when absent.
     optional_module: str | None = None
+    #: Turns the tasks into this runner's input once, before the clock starts;
+    #: the time it takes is reported on its own (``setup_seconds``).
+    prepare: Callable[[Sequence[Task]], Sequence[Task]] | None = None
 
 
 SERIAL = Runner("serial", open_serial)
@@ -392,9 +529,89 @@ RUNNERS: tuple[Runner, ...] = (
 )
 
 
+#: ``array-shared``: only poolme_mp has shared inputs (joblib memmaps per call).
+SHARED_RUNNERS: tuple[Runner, ...] = (
+    SERIAL,
+    Runner("poolme_mp(shared)", open_poolme_mp, prepare=share_arrays),
+)
+#: ``typed``: the peers map over ``xs.tolist()``; ``poolme_mp(dtype)`` over ``xs``.
+TYPED_RUNNERS: tuple[Runner, ...] = (
+    Runner(SERIAL.name, with_list_input(open_serial)),
+    Runner("mp.Pool", with_list_input(open_mp_pool), is_stdlib=True),
+    Runner("poolme_mp", with_list_input(open_poolme_mp)),
+    Runner("poolme_mp(dtype)", open_poolme_mp_typed),
+)
+
+
 def is_importable(module: str) -> bool:
     """Whether ``module`` is installed, found without importing it."""
     return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------
+# Registry of workloads
+# --------------------------------------------------------------------------
+
+_ARRAY_MB = ARRAY_ELEMENTS * 8 // 1_000_000
+
+WORKLOADS: dict[str, Workload] = {
+    workload.name: workload
+    for workload in (
+        Workload(
+            "ast",
+            "ast.parse the stdlib's .py files (task = path, uneven sizes)",
+            parse_summary,
+            ast_tasks,
+        ),
+        Workload(
+            "images",
+            f"gaussian+sobel on {TILE_SIDE}px tiles of skimage.data images",
+            edge_summary,
+            image_tasks,
+        ),
+        Workload(
+            "tiny",
+            "x * x over range(N): pure per-task overhead",
+            square,
+            tiny_tasks,
+        ),
+        Workload(
+            "array-sum",
+            f"np.sum of float64 arrays, {_ARRAY_MB} MB each: moving inputs",
+            sum_array,
+            array_sum_tasks,
+            check=same_arrays,
+        ),
+        Workload(
+            "array-return",
+            f"a * 2 of float64 arrays, {_ARRAY_MB} MB each: moving inputs and results",
+            double,
+            array_return_tasks,
+            check=same_arrays,
+        ),
+        Workload(
+            "array-shared",
+            "array-sum's arrays given to poolme_mp as poolme_mp.share() arrays",
+            sum_array,
+            array_sum_tasks,
+            check=same_arrays,
+            runners=SHARED_RUNNERS,
+        ),
+        Workload(
+            "typed",
+            "x * 0.5 over np.arange(N): scalar tasks from and to a numpy vector",
+            half,
+            typed_tasks,
+            check=same_vector,
+            runners=TYPED_RUNNERS,
+        ),
+    )
+}
+
+
+def runners_for(workload: Workload) -> tuple[Runner, ...]:
+    """The runners that time ``workload``: its own, or the common ``RUNNERS``."""
+    return RUNNERS if workload.runners is None else workload.runners
 
 
 # --------------------------------------------------------------------------
@@ -426,10 +643,10 @@ def warm_up(mapper: Mapper, fn: TaskFn, tasks: Sequence[Task], workers: int) -> 
 
 def best_of(
     mapper: Mapper, fn: TaskFn, tasks: Sequence[Task], repeats: int
-) -> tuple[list[float], list[Result]]:
+) -> tuple[list[float], Sequence[Result]]:
     """Time ``repeats`` map calls; return every wall time and the last results."""
     seconds: list[float] = []
-    results: list[Result] = []
+    results: Sequence[Result] = []
     for _ in range(repeats):
         start = time.perf_counter()
         results = mapper(fn, tasks)
@@ -450,6 +667,8 @@ class Measurement:
     detail: str = ""
     speedup_vs_serial: float | None = None
     speed_vs_best_stdlib: float | None = None
+    #: Seconds of the runner's one-time ``prepare`` step, not in ``seconds``.
+    setup_seconds: float | None = None
 
     @property
     def best_seconds(self) -> float | None:
@@ -480,6 +699,7 @@ class Measurement:
             "tasks_per_second": self.tasks_per_second,
             "speedup_vs_serial": self.speedup_vs_serial,
             "speed_vs_best_stdlib": self.speed_vs_best_stdlib,
+            "setup_seconds": self.setup_seconds,
         }
 
 
@@ -487,7 +707,7 @@ def measure_runner(
     runner: Runner,
     workload: Workload,
     tasks: Sequence[Task],
-    expected: list[Result],
+    expected: Sequence[Result],
     workers: int,
     repeats: int,
 ) -> Measurement:
@@ -497,25 +717,52 @@ def measure_runner(
         result.status, result.detail = "skipped", f"{runner.optional_module} missing"
         return result
     try:
+        timed_tasks, result.setup_seconds = prepare_tasks(runner, tasks)
         with runner.open(workers) as mapper:
-            warm_up(mapper, workload.fn, tasks, workers)
-            result.seconds, results = best_of(mapper, workload.fn, tasks, repeats)
+            warm_up(mapper, workload.fn, timed_tasks, workers)
+            result.seconds, results = best_of(mapper, workload.fn, timed_tasks, repeats)
     except Exception as error:  # noqa: BLE001 - reported, and fails the run
         result.status, result.detail = "error", f"{type(error).__name__}: {error}"
         return result
-    if results != expected:
+    if not workload.check(results, expected):
         result.status, result.detail = "mismatch", describe_mismatch(results, expected)
     return result
 
 
-def describe_mismatch(results: list[Result], expected: list[Result]) -> str:
+def prepare_tasks(
+    runner: Runner, tasks: Sequence[Task]
+) -> tuple[Sequence[Task], float | None]:
+    """The runner's input and the seconds its one-time ``prepare`` took, if any."""
+    if runner.prepare is None:
+        return tasks, None
+    start = time.perf_counter()
+    prepared = runner.prepare(tasks)
+    return prepared, time.perf_counter() - start
+
+
+def describe_mismatch(results: Sequence[Result], expected: Sequence[Result]) -> str:
     """Say where a pool's results first differ from the serial ones."""
     if len(results) != len(expected):
         return f"{len(results)} results for {len(expected)} tasks"
     index = next(
-        i for i, (a, b) in enumerate(zip(results, expected, strict=True)) if a != b
+        (
+            i
+            for i, (a, b) in enumerate(zip(results, expected, strict=True))
+            if _differ(a, b)
+        ),
+        None,
     )
+    if index is None:
+        return "equal values, but of another type than serial's"
     return f"task {index}: got {results[index]!r}, serial gave {expected[index]!r}"
+
+
+def _differ(result: Result, expected: Result) -> bool:
+    """Whether one result differs from its serial one; arrays compare by value."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(result, numpy.ndarray | numpy.generic):
+        return not numpy.array_equal(result, expected)
+    return bool(result != expected)
 
 
 def add_relative_speeds(measurements: list[Measurement]) -> None:
@@ -524,7 +771,7 @@ def add_relative_speeds(measurements: list[Measurement]) -> None:
     Both are ``reference time / runner time``, so above 1 means faster.
     """
     serial = _best_time(m for m in measurements if m.runner == SERIAL.name)
-    stdlib_names = {r.name for r in RUNNERS if r.is_stdlib}
+    stdlib_names = {r.name for r in (*RUNNERS, *TYPED_RUNNERS) if r.is_stdlib}
     best_stdlib = _best_time(m for m in measurements if m.runner in stdlib_names)
     for measurement in measurements:
         best = measurement.best_seconds
@@ -564,18 +811,23 @@ def run_workload(
     repeats: int,
     progress: Callable[[str], None] = lambda _message: None,
 ) -> WorkloadRun:
-    """Build the tasks, run them serially for reference, then through each pool."""
+    """Build the tasks, run them serially for reference, then through each pool.
+
+    The reference is the first runner named ``serial`` in ``runners`` (the
+    ``typed`` workload has its own), else ``SERIAL``.
+    """
     tasks = workload.build_tasks(quick)
+    reference = next((r for r in runners if r.name == SERIAL.name), SERIAL)
     progress(f"{workload.name}: {len(tasks)} tasks, serial reference")
     serial = Measurement(workload.name, SERIAL.name, len(tasks), "ok")
-    with SERIAL.open(workers) as serial_map:
+    with reference.open(workers) as serial_map:
         # Warm the serial run too: lazy imports and a cold page cache would
         # otherwise flatter every pool that runs after it.
         warm_up(serial_map, workload.fn, tasks, workers)
         serial.seconds, expected = best_of(serial_map, workload.fn, tasks, repeats)
     measurements = [serial]
     for runner in runners:
-        if runner is SERIAL:
+        if runner is reference:
             continue
         progress(f"{workload.name}: {runner.name}")
         measurements.append(
@@ -587,7 +839,7 @@ def run_workload(
 
 
 def workload_notes(
-    workload: Workload, tasks: Sequence[Task], expected: list[Result]
+    workload: Workload, tasks: Sequence[Task], expected: Sequence[Result]
 ) -> dict[str, Any]:
     """Facts about a workload's input worth printing beside its numbers."""
     if workload.name == "images":
@@ -600,6 +852,8 @@ def workload_notes(
             if summary == SKIPPED_FILE
         ]
         return {"stdlib": sysconfig.get_paths()["stdlib"], "skipped_files": unparsable}
+    if workload.name.startswith("array-"):
+        return {"megabytes": sum(task.nbytes for task in tasks) / 1e6}
     return {}
 
 
@@ -633,8 +887,6 @@ class StartupMeasurement:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with best and median."""
-        import statistics
-
         return {
             "runner": self.runner,
             "status": self.status,
@@ -667,6 +919,399 @@ def measure_startup(workers: int, repeats: int) -> list[StartupMeasurement]:
             measurement.detail = f"{type(error).__name__}: {error}"
         measurements.append(measurement)
     return measurements
+
+
+# --------------------------------------------------------------------------
+# Streaming, submit latency and progress-bar overhead
+# --------------------------------------------------------------------------
+
+#: ``Pool.imap`` chunksizes tried; the fastest is the one reported.
+IMAP_CHUNKSIZES = (1, 16, 256, 4096, 16384)
+#: Chunks each worker gets per chunksize tried: enough for a steady rate,
+#: few enough that chunksize 1 does not take a minute.
+_IMAP_CHUNKS_PER_WORKER = 1000
+#: Inputs streamed through poolme_mp by the memory check (full run only).
+RSS_STREAM_TASKS = 10_000_000
+#: Submits timed one at a time, each after a short idle pause.
+_FULL_SUBMITS = 200
+_QUICK_SUBMITS = 100
+_SUBMIT_PAUSE = 0.002
+#: Plain and progress-bar maps timed alternately, so load drift hits both.
+_PROGRESS_PAIRS = 5
+#: Seconds the memory check may take before it counts as hung.
+_RSS_PROBE_TIMEOUT = 300
+
+
+@dataclass
+class Figure:
+    """One number from the streaming, submit or progress measurements."""
+
+    measure: str
+    runner: str
+    tasks: int
+    #: The figure in ``unit``; ``None`` when the runner did not finish.
+    value: float | None = None
+    unit: str = ""
+    #: Relative to the measure's reference; above 1 means better than it.
+    vs_reference: float | None = None
+    #: ``ok``, ``mismatch`` (wrong results), ``error`` or ``skipped``.
+    status: str = "ok"
+    detail: str = ""
+    samples: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "measure": self.measure,
+            "runner": self.runner,
+            "tasks": self.tasks,
+            "value": self.value,
+            "unit": self.unit,
+            "vs_reference": self.vs_reference,
+            "status": self.status,
+            "detail": self.detail,
+            "samples": self.samples,
+            **self.extra,
+        }
+
+
+def failed_figure(measure: str, runner: str, tasks: int, error: Exception) -> Figure:
+    """The figure of a runner that raised: no value, the error as detail."""
+    return Figure(
+        measure,
+        runner,
+        tasks,
+        status="error",
+        detail=f"{type(error).__name__}: {error}",
+    )
+
+
+def time_repeats(run: Callable[[], Result], repeats: int) -> tuple[list[float], Result]:
+    """Call ``run`` ``repeats`` times; every wall time and the last return value."""
+    seconds: list[float] = []
+    value: Result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        value = run()
+        seconds.append(time.perf_counter() - start)
+    return seconds, value
+
+
+def sum_of_squares(count: int) -> int:
+    """``sum(x * x for x in range(count))`` in closed form: the stream check."""
+    return (count - 1) * count * (2 * count - 1) // 6
+
+
+def stream_tasks(quick: bool) -> int:
+    """How many inputs the stream throughput runs take: those of ``tiny``."""
+    return _QUICK_TINY if quick else _FULL_TINY
+
+
+def throughput_figure(
+    measure: str, runner: str, tasks: int, seconds: list[float], total: int
+) -> Figure:
+    """Tasks per second of the fastest repeat, checked against the closed form."""
+    figure = Figure(measure, runner, tasks, tasks / min(seconds), "tasks/s")
+    figure.samples = seconds
+    if total != sum_of_squares(tasks):
+        figure.status = "mismatch"
+        figure.detail = f"sum {total}, expected {sum_of_squares(tasks)}"
+    return figure
+
+
+def measure_serial_stream(tasks: int, repeats: int) -> Figure:
+    """``sum(map(square, range(N)))`` in this process, for scale."""
+    seconds, total = time_repeats(lambda: sum(map(square, range(tasks))), repeats)
+    return throughput_figure("stream", "serial", tasks, seconds, total)
+
+
+def imap_sweep_tasks(chunksize: int, workers: int, tasks: int) -> int:
+    """Inputs for one chunksize tried: ``_IMAP_CHUNKS_PER_WORKER`` chunks each."""
+    return min(tasks, chunksize * workers * _IMAP_CHUNKS_PER_WORKER)
+
+
+def imap_sum(pool: multiprocessing.pool.Pool, count: int, chunksize: int) -> int:
+    """``sum(pool.imap(square, range(count), chunksize))``: consume the stream."""
+    return sum(pool.imap(square, range(count), chunksize=chunksize))
+
+
+def measure_imap(workers: int, tasks: int, repeats: int) -> Figure:
+    """``sum(Pool.imap(square, range(n), chunksize))`` at its best chunksize.
+
+    Every chunksize in ``IMAP_CHUNKSIZES`` is timed on one pool; the fastest
+    is reported, with every one's rate under ``sweep``.
+    """
+    figures = []
+    with multiprocessing.Pool(workers) as pool:
+        pool.map(square, range(4 * workers))
+        for chunksize in IMAP_CHUNKSIZES:
+            count = imap_sweep_tasks(chunksize, workers, tasks)
+            run = functools.partial(imap_sum, pool, count, chunksize)
+            seconds, total = time_repeats(run, repeats)
+            name = f"mp.Pool.imap(chunksize={chunksize})"
+            figures.append(throughput_figure("stream", name, count, seconds, total))
+    bad = [figure for figure in figures if figure.status != "ok"]
+    best = bad[0] if bad else max(figures, key=lambda figure: figure.value or 0.0)
+    best.extra["sweep"] = {
+        figure.runner: {"tasks": figure.tasks, "tasks_per_second": figure.value}
+        for figure in figures
+    }
+    return best
+
+
+def measure_process_stream(workers: int, tasks: int, repeats: int) -> Figure:
+    """``sum(pool.process_stream(square, range(N)))`` on a warm pool."""
+    from poolme_mp import WorkerPool
+
+    with WorkerPool(workers) as pool:
+        sum(pool.process_stream(square, range(4 * workers)))
+        seconds, total = time_repeats(
+            lambda: sum(pool.process_stream(square, range(tasks))), repeats
+        )
+    return throughput_figure(
+        "stream", "poolme_mp.process_stream", tasks, seconds, total
+    )
+
+
+def measure_stream(workers: int, quick: bool, repeats: int) -> list[Figure]:
+    """Streaming throughput: serial, best ``Pool.imap``, ``process_stream``.
+
+    ``vs_reference`` is throughput over the best ``imap`` chunksize's.
+    """
+    tasks = stream_tasks(quick)
+    figures = [measure_serial_stream(tasks, repeats)]
+    for runner, measure in (
+        ("mp.Pool.imap", measure_imap),
+        ("poolme_mp.process_stream", measure_process_stream),
+    ):
+        try:
+            figures.append(measure(workers, tasks, repeats))
+        except Exception as error:  # noqa: BLE001 - reported, and fails the run
+            figures.append(failed_figure("stream", runner, tasks, error))
+    imap = next((f for f in figures if f.runner.startswith("mp.Pool.imap")), None)
+    reference = imap.value if imap is not None and imap.status == "ok" else None
+    for figure in figures:
+        if reference and figure.value is not None and figure.status == "ok":
+            figure.vs_reference = figure.value / reference
+    return figures
+
+
+def stream_rss_probe(tasks: int, workers: int) -> dict[str, Any]:
+    """Stream ``tasks`` inputs through poolme_mp; this process's peak RSS around it.
+
+    Run in a fresh interpreter (see ``measure_stream_memory``): ``ru_maxrss``
+    is a lifetime peak, which the array workloads would already have raised.
+    For contrast, ``process`` over a list of a tenth as many inputs follows.
+    """
+    import resource
+
+    from poolme_mp import WorkerPool
+
+    def peak_kib() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    with WorkerPool(workers) as pool:
+        sum(pool.process_stream(square, range(10_000)))
+        before = peak_kib()
+        start = time.perf_counter()
+        total = sum(pool.process_stream(square, range(tasks)))
+        seconds = time.perf_counter() - start
+        after_stream = peak_kib()
+        listed = tasks // 10
+        listed_total = sum(pool.process(square, list(range(listed))))
+        after_list = peak_kib()
+    return {
+        "tasks": tasks,
+        "seconds": seconds,
+        "correct": total == sum_of_squares(tasks),
+        "peak_rss_before_kib": before,
+        "peak_rss_after_kib": after_stream,
+        "list_tasks": listed,
+        "list_correct": listed_total == sum_of_squares(listed),
+        "peak_rss_after_list_kib": after_list,
+    }
+
+
+#: The fresh interpreter's script: run the probe, print its JSON.
+_RSS_PROBE_SCRIPT = (
+    "import json, sys\n"
+    "from poolme_mp._bench import stream_rss_probe\n"
+    "print(json.dumps(stream_rss_probe(int(sys.argv[1]), int(sys.argv[2]))))\n"
+)
+
+
+def measure_stream_memory(workers: int, tasks: int = RSS_STREAM_TASKS) -> Figure:
+    """Peak-RSS growth of a fresh parent process while streaming ``tasks`` inputs.
+
+    The value is MiB of growth (``ru_maxrss`` after minus before); ``detail``
+    adds the growth of a ``process`` call over a list for contrast.
+    """
+    figure = Figure("stream-rss", "poolme_mp.process_stream", tasks, unit="MiB")
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE_SCRIPT, str(tasks), str(workers)],
+            capture_output=True,
+            text=True,
+            timeout=_RSS_PROBE_TIMEOUT,
+            check=True,
+        )
+        probe = json.loads(completed.stdout.splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as error:
+        return failed_figure(figure.measure, figure.runner, tasks, error)
+    figure.extra = probe
+    figure.value = (probe["peak_rss_after_kib"] - probe["peak_rss_before_kib"]) / 1024
+    list_growth = (
+        probe["peak_rss_after_list_kib"] - probe["peak_rss_after_kib"]
+    ) / 1024
+    figure.detail = (
+        f"peak RSS {probe['peak_rss_before_kib'] / 1024:.0f} -> "
+        f"{probe['peak_rss_after_kib'] / 1024:.0f} MiB in "
+        f"{probe['seconds']:.1f} s; process() over a list of "
+        f"{probe['list_tasks']:,} then added {list_growth:.0f} MiB"
+    )
+    if not (probe["correct"] and probe["list_correct"]):
+        figure.status, figure.detail = "mismatch", "wrong sum of squares"
+    return figure
+
+
+def submit_latencies(submit: Callable[[], Result], tries: int) -> list[float]:
+    """Seconds from each ``submit`` to its ``.result()``, one call at a time.
+
+    Each try follows a short pause, so it reaches an idle pool, and checks
+    that the trivial task (``square(3)``) came back right.
+    """
+    seconds = []
+    for _ in range(tries):
+        time.sleep(_SUBMIT_PAUSE)
+        start = time.perf_counter()
+        value = submit()
+        seconds.append(time.perf_counter() - start)
+        if value != 9:
+            raise AssertionError(f"submit(square, 3) gave {value!r}")
+    return seconds
+
+
+def latency_figure(runner: str, seconds: list[float]) -> Figure:
+    """Median latency in milliseconds, with the spread under ``extra``."""
+    ordered = sorted(seconds)
+    figure = Figure("submit", runner, len(seconds), statistics.median(seconds) * 1e3)
+    figure.unit, figure.samples = "ms median", seconds
+    figure.extra = {
+        "min_ms": ordered[0] * 1e3,
+        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1e3,
+    }
+    figure.detail = (
+        f"min {ordered[0] * 1e3:.3f} ms, p90 {figure.extra['p90_ms']:.3f} ms"
+    )
+    return figure
+
+
+def measure_executor_submit(workers: int, tries: int) -> Figure:
+    """``ProcessPoolExecutor.submit(square, 3).result()`` on a warm executor."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as executor:
+        list(executor.map(square, range(4 * workers)))
+        seconds = submit_latencies(lambda: executor.submit(square, 3).result(), tries)
+    return latency_figure("ProcessPoolExecutor.submit", seconds)
+
+
+def measure_poolme_submit(workers: int, tries: int) -> Figure:
+    """``WorkerPool.submit(square, 3).result()`` on a warm pool."""
+    from poolme_mp import WorkerPool
+
+    with WorkerPool(workers) as pool:
+        pool.process(square, range(4 * workers))
+        seconds = submit_latencies(lambda: pool.submit(square, 3).result(), tries)
+    return latency_figure("poolme_mp.submit", seconds)
+
+
+def measure_submit(workers: int, quick: bool) -> list[Figure]:
+    """Latency of one submit, poolme_mp against ``ProcessPoolExecutor``.
+
+    ``vs_reference`` is the executor's median over this runner's: above 1 is
+    quicker.
+    """
+    tries = _QUICK_SUBMITS if quick else _FULL_SUBMITS
+    figures = []
+    for runner, measure in (
+        ("ProcessPoolExecutor.submit", measure_executor_submit),
+        ("poolme_mp.submit", measure_poolme_submit),
+    ):
+        try:
+            figures.append(measure(workers, tries))
+        except Exception as error:  # noqa: BLE001 - reported, and fails the run
+            figures.append(failed_figure("submit", runner, tries, error))
+    reference = figures[0].value
+    for figure in figures:
+        if reference is not None and figure.value:
+            figure.vs_reference = reference / figure.value
+    return figures
+
+
+def measure_progress(workers: int, quick: bool) -> list[Figure]:
+    """Throughput of ``process`` on tiny tasks without and with ``progress=True``.
+
+    The bar writes to a throwaway ``io.StringIO`` (``redirect_stderr``).  The
+    two maps alternate ``_PROGRESS_PAIRS`` times on one warm pool; the last
+    figure is the bar's overhead in percent of the plain map's best time.
+    """
+    tasks = tiny_tasks(quick)
+    try:
+        seconds, results, bar_text = time_progress_pairs(workers, tasks)
+    except Exception as error:  # noqa: BLE001 - reported, and fails the run
+        return [failed_figure("progress", "poolme_mp.process", len(tasks), error)]
+    expected = list(map(square, tasks))
+    plain, with_bar = (
+        throughput_of(runner, tasks, seconds[bar], results[bar], expected)
+        for runner, bar in (
+            ("poolme_mp.process", False),
+            ("poolme_mp.process(progress=True)", True),
+        )
+    )
+    with_bar.vs_reference = min(seconds[False]) / min(seconds[True])
+    with_bar.detail = with_bar.detail or f"bar wrote {len(bar_text):,} characters"
+    overhead = (min(seconds[True]) / min(seconds[False]) - 1) * 100
+    return [
+        plain,
+        with_bar,
+        Figure("progress", "overhead of progress=True", len(tasks), overhead, "%"),
+    ]
+
+
+def throughput_of(
+    runner: str,
+    tasks: Sequence[Task],
+    seconds: list[float],
+    results: Sequence[Result],
+    expected: Sequence[Result],
+) -> Figure:
+    """A ``progress`` figure: tasks/s of the fastest map, results checked."""
+    figure = Figure("progress", runner, len(tasks), len(tasks) / min(seconds))
+    figure.unit, figure.samples = "tasks/s", seconds
+    if list(results) != list(expected):
+        figure.status = "mismatch"
+        figure.detail = describe_mismatch(results, expected)
+    return figure
+
+
+def time_progress_pairs(
+    workers: int, tasks: Sequence[int]
+) -> tuple[dict[bool, list[float]], dict[bool, Sequence[Result]], str]:
+    """Alternate plain and bar maps: times and last results by ``progress``, bar text."""
+    from poolme_mp import WorkerPool
+
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    results: dict[bool, Sequence[Result]] = {}
+    with WorkerPool(workers) as pool, redirect_stderr(io.StringIO()) as bar_output:
+        pool.process(square, tasks[: 4 * workers], progress=True)  # imports tqdm
+        for _ in range(_PROGRESS_PAIRS):
+            for bar in (False, True):
+                start = time.perf_counter()
+                results[bar] = pool.process(square, tasks, progress=bar)
+                seconds[bar].append(time.perf_counter() - start)
+    return seconds, results, bar_output.getvalue()
 
 
 # --------------------------------------------------------------------------

@@ -77,10 +77,14 @@ class RateLimiter(Protocol):
 
 
 class TokenBucket:
-    """A token bucket: rate permits per second, at most burst saved up.
+    """rate permits per second, with up to burst granted at once.
 
-    Over any interval of t seconds at most burst + rate * t permits are
-    granted, so no one-second window sees more than rate + burst starts.
+    It keeps a schedule rather than a count: each permit is due one period
+    (1 / rate) after the previous one.  A caller that comes back a little
+    late (a timer never fires exactly on time) gets the permit it was due,
+    and the next one is due on schedule, so late wake-ups do not lower the
+    rate.  Lateness is only credited up to half a period, which keeps any
+    one-second window within rate + burst permits.
     """
 
     def __init__(self, rate: float, burst: int = 1) -> None:
@@ -90,21 +94,23 @@ class TokenBucket:
         check_int("burst", burst, minimum=1)
         self.rate = float(rate)
         self.burst = burst
-        self._tokens = float(burst)
-        self._updated = time.monotonic()
+        self._period = 1.0 / self.rate
+        # When the next permit is due; burst permits may be granted ahead
+        # of it.  Starts full: a fresh bucket grants a burst at once.
+        self._due = time.monotonic()
         # Several pools (each with its own engine thread) may share one
-        # bucket, so the refill-and-take must be atomic.
+        # bucket, so the check-and-take must be atomic.
         self._lock = threading.Lock()
 
     def try_acquire(self) -> float:
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return 0.0
-            return (1.0 - self._tokens) / self.rate
+            ahead = (self.burst - 1) * self._period
+            wait = self._due - ahead - now
+            if wait > 0:
+                return wait
+            self._due = max(self._due, now - self._period / 2) + self._period
+            return 0.0
 
 
 def check_int(name: str, value: object, *, minimum: int) -> None:

@@ -11,6 +11,7 @@ import atexit
 import concurrent.futures
 import functools
 import multiprocessing
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -198,6 +199,8 @@ class WorkerPool(concurrent.futures.Executor):
                 self._engine = engine
                 # A pool dropped without shutdown still stops its workers.
                 self._finalizer = weakref.finalize(self, engine.close)
+                # At exit, terminate_all ends the pool instead.
+                self._finalizer.atexit = False
             return self._engine
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -617,4 +620,8 @@ def _progress_bar(progress: bool, total: int | None) -> Any:
     return tqdm(total=total, unit="task", file=sys.stderr, mininterval=0.2)
 
 
+# Exit handlers run last registered first.  multiprocessing's own handler
+# joins every live child process, which would wait for running tasks; it is
+# registered when multiprocessing.util is imported (above), so ours, made
+# after it, runs first and ends the pools quickly.
 atexit.register(terminate_all)

@@ -2,8 +2,9 @@
 
 ``poolme-mp bench`` runs the workloads of :mod:`poolme_mp._bench` through the
 serial baseline, the standard-library pools, the optional peers that are
-installed, and poolme_mp, then prints a table (or JSON with ``--json``).  It
-exits non-zero when any pool's results differ from the serial ones or a pool
+installed, and poolme_mp, then the streaming, submit-latency, progress-bar and
+start-up measurements, and prints tables (or JSON with ``--json``).  It exits
+non-zero when any pool's results differ from the serial ones or a pool
 crashes, so it doubles as an end-to-end check.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +26,13 @@ QUICK_REPEATS = 2
 #: Cold starts timed by the start-to-first-result measurement.
 FULL_STARTS = 5
 QUICK_STARTS = 3
+#: The measurements beside the workloads, also selectable with ``--only``.
+MEASURES = ("stream", "submit", "progress")
+#: What the fork server imports before it forks poolme_mp's workers, so each
+#: worker starts with them loaded instead of importing them itself.
+FORKSERVER_PRELOAD = ["__main__", "poolme_mp._worker", "poolme_mp._bench", "numpy"]
+#: When this module was imported: the origin of the progress lines' clock.
+_STARTED = time.perf_counter()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,9 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         action="append",
-        choices=list(_bench.WORKLOADS),
+        choices=[*_bench.WORKLOADS, *MEASURES],
         metavar="NAME",
-        help=f"run only this workload; repeatable ({', '.join(_bench.WORKLOADS)})",
+        help="run only this workload or measurement; repeatable "
+        f"({', '.join([*_bench.WORKLOADS, *MEASURES])})",
+    )
+    bench.add_argument(
+        "--no-forkserver-preload",
+        dest="forkserver_preload",
+        action="store_false",
+        help="do not preload numpy and the bench module in the fork server",
     )
     bench.add_argument(
         "--repeats",
@@ -92,23 +109,27 @@ def _positive_int(text: str) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and report it; 1 if any pool failed, else 0."""
+    preloaded = args.forkserver_preload and preload_forkserver(FORKSERVER_PRELOAD)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
-    names = _deduplicated(args.only or list(_bench.WORKLOADS))
+    names = _deduplicated(args.only or [*_bench.WORKLOADS, *MEASURES])
     runs = [
         _bench.run_workload(
             _bench.WORKLOADS[name],
-            _bench.RUNNERS,
+            _bench.runners_for(_bench.WORKLOADS[name]),
             args.workers,
             args.quick,
             repeats,
             progress=_progress,
         )
         for name in names
+        if name in _bench.WORKLOADS
     ]
+    figures = run_measures([name for name in names if name in MEASURES], args, repeats)
     _progress("pool start to first result")
     starts = QUICK_STARTS if args.quick else FULL_STARTS
     startup = _bench.measure_startup(args.workers, starts)
-    report = build_report(args, repeats, runs, startup)
+    report = build_report(args, repeats, runs, figures, startup)
+    report["config"]["forkserver_preload"] = FORKSERVER_PRELOAD if preloaded else None
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -119,6 +140,45 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def preload_forkserver(modules: Sequence[str]) -> bool:
+    """Have the fork server import ``modules`` before it forks any worker.
+
+    Only while no fork server runs: a running one would not import them, and
+    replacing its list would hide what it really holds.  Returns whether the
+    preload list was set.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        return False
+    multiprocessing.set_forkserver_preload(list(modules))
+    return True
+
+
+def run_measures(
+    names: Sequence[str], args: argparse.Namespace, repeats: int
+) -> list[_bench.Figure]:
+    """The streaming, submit and progress figures that ``names`` ask for.
+
+    The 10-million-input memory check runs in the full run only.
+    """
+    figures: list[_bench.Figure] = []
+    for name in names:
+        _progress(name)
+        if name == "stream":
+            figures.extend(_bench.measure_stream(args.workers, args.quick, repeats))
+            if not args.quick:
+                _progress(f"stream: {_bench.RSS_STREAM_TASKS:,} inputs, peak RSS")
+                figures.append(_bench.measure_stream_memory(args.workers))
+        elif name == "submit":
+            figures.extend(_bench.measure_submit(args.workers, args.quick))
+        elif name == "progress":
+            figures.extend(_bench.measure_progress(args.workers, args.quick))
+    return figures
+
+
 def _deduplicated(names: Sequence[str]) -> list[str]:
     """``names`` in first-seen order, each once (``--only ast --only ast``)."""
     return list(dict.fromkeys(names))
@@ -126,13 +186,15 @@ def _deduplicated(names: Sequence[str]) -> list[str]:
 
 def _progress(message: str) -> None:
     """Tell the person waiting what runs now, on stderr so stdout stays clean."""
-    print(f"... {message}", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - _STARTED
+    print(f"... [{elapsed:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def build_report(
     args: argparse.Namespace,
     repeats: int,
     runs: Sequence[_bench.WorkloadRun],
+    figures: Sequence[_bench.Figure],
     startup: Sequence[_bench.StartupMeasurement],
 ) -> dict[str, Any]:
     """Everything measured, as the JSON document ``--json`` prints."""
@@ -154,12 +216,14 @@ def build_report(
             for run in runs
         ],
         "results": [m.as_dict() for run in runs for m in run.measurements],
+        "figures": [figure.as_dict() for figure in figures],
         "startup": [m.as_dict() for m in startup],
         "legend": (
             "speedup_vs_serial and speed_vs_best_stdlib are reference seconds "
             "divided by this runner's seconds: above 1 means faster; best "
             "stdlib is the faster of mp.Pool and ProcessPoolExecutor."
         ),
+        "figures_note": FIGURES_NOTE,
         "startup_note": (
             "Seconds from constructing a pool to the result of a 1-task map, "
             "shutdown not included. Measured after the workloads, so a "
@@ -177,11 +241,23 @@ def list_failures(report: dict[str, Any]) -> list[str]:
         if r["status"] in ("mismatch", "error")
     ]
     failures.extend(
+        f"{f['measure']}/{f['runner']}: {f['status']}: {f['detail']}"
+        for f in report["figures"]
+        if f["status"] in ("mismatch", "error")
+    )
+    failures.extend(
         f"startup/{s['runner']}: {s['status']}: {s['detail']}"
         for s in report["startup"]
         if s["status"] != "ok"
     )
     return failures
+
+
+FIGURES_NOTE = (
+    "x reference: stream, throughput over the best mp.Pool.imap chunksize's; "
+    "submit, ProcessPoolExecutor's median latency over this one's; progress, "
+    "plain process() time over the time with the bar. Above 1 means faster."
+)
 
 
 # --------------------------------------------------------------------------
@@ -199,6 +275,17 @@ RESULT_COLUMNS = (
     "status",
 )
 STARTUP_COLUMNS = ("runner", "best ms", "median ms", "status")
+FIGURE_COLUMNS = (
+    "measure",
+    "runner",
+    "tasks",
+    "value",
+    "unit",
+    "x reference",
+    "status",
+)
+#: How each figure's value is printed, by unit.
+VALUE_FORMATS = {"tasks/s": "{:,.0f}", "ms median": "{:.3f}", "MiB": "{:.1f}"}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -208,6 +295,8 @@ def format_report(report: dict[str, Any]) -> str:
         format_table(RESULT_COLUMNS, [_result_row(r) for r in report["results"]]),
         report["legend"],
         format_notes(report["workloads"]),
+        format_setup_notes(report["results"]),
+        format_figures(report["figures"]),
         f"Pool start to first result ({_start_count(report)} cold starts each). "
         + report["startup_note"],
         format_table(STARTUP_COLUMNS, [_startup_row(s) for s in report["startup"]]),
@@ -239,10 +328,10 @@ def format_machine(machine: dict[str, Any], config: dict[str, Any]) -> str:
 
 def format_problems(report: dict[str, Any]) -> str:
     """Why each runner that has no numbers has none (failed, or skipped)."""
-    rows = [*report["results"], *report["startup"]]
+    rows = [*report["results"], *report["figures"], *report["startup"]]
     lines = [
-        f"  {row.get('workload', 'startup')}/{row['runner']}: {row['status']}: "
-        f"{row['detail']}"
+        f"  {row.get('workload', row.get('measure', 'startup'))}/{row['runner']}: "
+        f"{row['status']}: {row['detail']}"
         for row in rows
         if row["status"] != "ok"
     ]
@@ -265,6 +354,54 @@ def format_notes(workloads: list[dict[str, Any]]) -> str:
             line += f"; could not load {', '.join(notes['skipped_images'])}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def format_setup_notes(results: list[dict[str, Any]]) -> str:
+    """One line per runner whose one-time input preparation was timed apart."""
+    return "\n".join(
+        f"{r['workload']}/{r['runner']}: one-time poolme_mp.share() of {r['tasks']} "
+        f"arrays took {r['setup_seconds']:.3f} s, not included in wall s"
+        for r in results
+        if r.get("setup_seconds") is not None
+    )
+
+
+def format_figures(figures: list[dict[str, Any]]) -> str:
+    """The streaming, submit and progress table with its notes, if any ran."""
+    if not figures:
+        return ""
+    table = format_table(FIGURE_COLUMNS, [_figure_row(f) for f in figures])
+    notes = [
+        f"{f['measure']}/{f['runner']}: {f['detail']}"
+        for f in figures
+        if f["detail"] and f["status"] == "ok"
+    ]
+    notes.extend(_sweep_line(f) for f in figures if "sweep" in f)
+    return "\n\n".join([table, FIGURES_NOTE, "\n".join(notes)])
+
+
+def _sweep_line(figure: dict[str, Any]) -> str:
+    """The imap chunksizes tried, each with its rate, on one line."""
+    rates = ", ".join(
+        f"{runner.split('=')[1].rstrip(')')}: {_number(r['tasks_per_second'], '{:,.0f}')}"
+        f" ({r['tasks']:,} tasks)"
+        for runner, r in figure["sweep"].items()
+    )
+    return f"stream/mp.Pool.imap chunksizes tried, tasks/s: {rates}"
+
+
+def _figure_row(figure: dict[str, Any]) -> list[str]:
+    """One row of the streaming, submit and progress table."""
+    value_format = VALUE_FORMATS.get(figure["unit"], "{:+.1f}")
+    return [
+        figure["measure"],
+        figure["runner"],
+        str(figure["tasks"]),
+        _number(figure["value"], value_format),
+        figure["unit"],
+        _number(figure["vs_reference"], "{:.2f}"),
+        figure["status"],
+    ]
 
 
 def _result_row(result: dict[str, Any]) -> list[str]:
@@ -320,7 +457,8 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _looks_numeric(cell: str) -> bool:
     """Whether a cell is a number (or the ``-`` placeholder for one)."""
-    return cell == "-" or cell.replace(",", "").replace(".", "", 1).isdigit()
+    digits = cell[1:] if cell[:1] in ("+", "-") and len(cell) > 1 else cell
+    return cell == "-" or digits.replace(",", "").replace(".", "", 1).isdigit()
 
 
 if __name__ == "__main__":
