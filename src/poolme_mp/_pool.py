@@ -470,19 +470,9 @@ class WorkerPool(concurrent.futures.Executor):
     async def aprocess_stream(self, fn: Callable[[T], R], tasks: Iterable[T],
                               **options: Any) -> AsyncIterator[R]:
         """process_stream() for asyncio: ``async for result in ...``."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
         stream = self.process_stream(fn, tasks, **options)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, stream._next_chunk_or_none)
-                if chunk is None:
-                    return
-                for value in chunk:
-                    yield value
-        finally:
-            stream.close()
+        async for value in stream._async_values():
+            yield value
 
 
 class ResultStream(Iterator[R]):
@@ -502,22 +492,49 @@ class ResultStream(Iterator[R]):
     def __next__(self) -> R:
         while True:
             for value in self._chunk:
-                if type(value) is Failure:
-                    if self._sink.return_exceptions:
-                        return value.error  # type: ignore[return-value]
-                    if self._call.stop_on_error:
-                        self.close()
-                        raise value.error
-                    self._errors.append(value.error)
-                    continue
-                return value  # type: ignore[no-any-return]
+                if type(value) is not Failure or self._keep_failure(value):
+                    return value  # type: ignore[no-any-return]
             chunk = self._next_chunk_or_none()
             if chunk is None:
-                if self._errors:
-                    errors, self._errors = self._errors, []
-                    raise TaskErrorGroup(f"{len(errors)} tasks failed", errors)
+                self._raise_collected()
                 raise StopIteration
             self._chunk = iter(chunk)
+
+    def _keep_failure(self, failure: Failure) -> bool:
+        """What a failed task's place in the stream turns into: its error as
+        an item (return_exceptions), the end of the stream (the default),
+        or nothing now and a TaskErrorGroup at the end (continue_on_error)."""
+        if self._sink.return_exceptions:
+            return True
+        if self._call.stop_on_error:
+            self.close()
+            raise failure.error
+        self._errors.append(failure.error)
+        return False
+
+    def _raise_collected(self) -> None:
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise TaskErrorGroup(f"{len(errors)} tasks failed", errors)
+
+    async def _async_values(self) -> AsyncIterator[R]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, self._next_chunk_or_none)
+                if chunk is None:
+                    self._raise_collected()
+                    return
+                for value in chunk:
+                    if type(value) is Failure:
+                        if not self._keep_failure(value):
+                            continue
+                        value = value.error
+                    yield value
+        finally:
+            self.close()
 
     def _next_chunk_or_none(self) -> list[Any] | None:
         if self._closed:
