@@ -68,8 +68,9 @@ _NOT_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 #: Marks a file that could not be read, decoded or parsed.  Returned instead of
 #: raising so every runner skips the same files in the same way.
 SKIPPED_FILE = (-1, -1)
-#: At most this many files for ``--quick`` (about a fifth of CPython 3.11's).
-_QUICK_AST_FILES = 400
+#: At most this many files for ``--quick`` (about a tenth of CPython 3.11's), so
+#: that the quick run, array workloads and all, stays within a minute.
+_QUICK_AST_FILES = 200
 
 
 def stdlib_python_files() -> list[str]:
@@ -155,9 +156,10 @@ BUNDLED_IMAGES = (
 )
 TILE_SIDE = 128
 #: The eight rotations/flips of every tile make the full run ~8x the tiles of
-#: the images alone, each one a distinct array; ``--quick`` keeps two.
+#: the images alone, each one a distinct array; ``--quick`` keeps only the
+#: tiles as they are, to stay within its minute.
 _FULL_VARIANTS = 8
-_QUICK_VARIANTS = 2
+_QUICK_VARIANTS = 1
 #: Sobel magnitude above which a pixel counts as an edge.
 _EDGE_THRESHOLD = 0.05
 
@@ -260,9 +262,9 @@ def square(number: int) -> int:
 #: Elements of each array task: 1,000,000 float64 values, 8 MB.
 ARRAY_ELEMENTS = 1_000_000
 _FULL_SUM_ARRAYS = 100
-_QUICK_SUM_ARRAYS = 40
+_QUICK_SUM_ARRAYS = 24
 _FULL_RETURN_ARRAYS = 50
-_QUICK_RETURN_ARRAYS = 20
+_QUICK_RETURN_ARRAYS = 12
 _FULL_TYPED = 2_000_000
 _QUICK_TYPED = 500_000
 #: Seeds the arrays, so every run and every runner sums the same numbers.
@@ -614,6 +616,15 @@ def runners_for(workload: Workload) -> tuple[Runner, ...]:
     return RUNNERS if workload.runners is None else workload.runners
 
 
+def reference_runner(workload: Workload) -> Runner:
+    """The serial runner whose results the others must reproduce.
+
+    The first of the workload's runners named ``serial`` (``typed`` has its
+    own, mapping over a list), else ``SERIAL``.
+    """
+    return next((r for r in runners_for(workload) if r.name == SERIAL.name), SERIAL)
+
+
 # --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
@@ -813,11 +824,11 @@ def run_workload(
 ) -> WorkloadRun:
     """Build the tasks, run them serially for reference, then through each pool.
 
-    The reference is the first runner named ``serial`` in ``runners`` (the
-    ``typed`` workload has its own), else ``SERIAL``.
+    The reference is ``reference_runner(workload)``; it is not run again if it
+    is among ``runners``.
     """
     tasks = workload.build_tasks(quick)
-    reference = next((r for r in runners if r.name == SERIAL.name), SERIAL)
+    reference = reference_runner(workload)
     progress(f"{workload.name}: {len(tasks)} tasks, serial reference")
     serial = Measurement(workload.name, SERIAL.name, len(tasks), "ok")
     with reference.open(workers) as serial_map:

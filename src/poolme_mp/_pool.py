@@ -492,8 +492,10 @@ class ResultStream(Iterator[R]):
     def __next__(self) -> R:
         while True:
             for value in self._chunk:
-                if type(value) is not Failure or self._keep_failure(value):
+                if type(value) is not Failure:
                     return value  # type: ignore[no-any-return]
+                if self._keep_failure(value):
+                    return value.error  # type: ignore[return-value]
             chunk = self._next_chunk_or_none()
             if chunk is None:
                 self._raise_collected()

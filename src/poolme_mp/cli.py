@@ -128,8 +128,8 @@ def run_bench(args: argparse.Namespace) -> int:
     _progress("pool start to first result")
     starts = QUICK_STARTS if args.quick else FULL_STARTS
     startup = _bench.measure_startup(args.workers, starts)
-    report = build_report(args, repeats, runs, figures, startup)
-    report["config"]["forkserver_preload"] = FORKSERVER_PRELOAD if preloaded else None
+    preload = FORKSERVER_PRELOAD if preloaded else None
+    report = build_report(args, repeats, runs, figures, startup, preload)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -196,8 +196,12 @@ def build_report(
     runs: Sequence[_bench.WorkloadRun],
     figures: Sequence[_bench.Figure],
     startup: Sequence[_bench.StartupMeasurement],
+    preload: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Everything measured, as the JSON document ``--json`` prints."""
+    """Everything measured, as the JSON document ``--json`` prints.
+
+    ``preload`` is what the fork server was told to import, if anything.
+    """
     return {
         "machine": _bench.machine_info(),
         "config": {
@@ -205,6 +209,7 @@ def build_report(
             "workers": args.workers,
             "repeats": repeats,
             "workloads": [run.workload.name for run in runs],
+            "forkserver_preload": list(preload) if preload else None,
         },
         "workloads": [
             {
@@ -228,7 +233,12 @@ def build_report(
             "Seconds from constructing a pool to the result of a 1-task map, "
             "shutdown not included. Measured after the workloads, so a "
             "forkserver that poolme_mp launched for them is already running "
-            "and its one-off launch is not counted."
+            "and its one-off launch is not counted. "
+            + (
+                f"The fork server preloaded {', '.join(preload)}."
+                if preload
+                else "The fork server preloaded only what poolme_mp asks for."
+            )
         ),
     }
 
