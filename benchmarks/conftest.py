@@ -4,7 +4,8 @@ The workloads, task functions and pool runners are those of
 :mod:`poolme_mp._bench`, so these numbers and the CLI's measure the same thing.
 Each test times only the map call of an already started and warmed pool, puts
 itself in its workload's ``benchmark.group`` so the peers line up side by side,
-and asserts that the pool returned exactly the serial results.
+and asserts that the pool returned exactly the serial results.  The stream,
+submit and progress groups time their own calls the same way.
 
 Options: ``--bench-quick`` for the CLI's ``--quick`` inputs and a single round,
 ``--bench-workers N`` to override the usable CPU count.
@@ -27,9 +28,7 @@ QUICK_ROUNDS = 1
 #: Cold pool starts per start-up test.
 STARTUP_ROUNDS = 5
 
-RUNNERS_BY_NAME = {
-    runner.name: runner for runner in (*_bench.RUNNERS, *_bench.STARTUP_RUNNERS)
-}
+STARTUP_RUNNERS_BY_NAME = {runner.name: runner for runner in _bench.STARTUP_RUNNERS}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -54,28 +53,40 @@ class BenchCase:
 
     workload: _bench.Workload
     tasks: Sequence[Any]
-    expected: list[Any]
+    expected: Sequence[Any]
     workers: int
     rounds: int
 
     def run(self, benchmark: Any, runner_name: str) -> None:
-        """Time ``runner_name``'s map of this workload; check it matches serial."""
-        runner = RUNNERS_BY_NAME[runner_name]
+        """Time ``runner_name``'s map of this workload; check it matches serial.
+
+        A runner's one-time ``prepare`` (``poolme_mp.share``) happens before
+        the timing; its seconds go to ``extra_info["setup_seconds"]``.
+        """
+        runner = self.runner_named(runner_name)
         if runner.optional_module:
             pytest.importorskip(runner.optional_module)
         benchmark.group = self.workload.name
         benchmark.extra_info.update(tasks=len(self.tasks), workers=self.workers)
+        tasks, setup_seconds = _bench.prepare_tasks(runner, self.tasks)
+        if setup_seconds is not None:
+            benchmark.extra_info["setup_seconds"] = setup_seconds
         with runner.open(self.workers) as mapper:
-            _bench.warm_up(mapper, self.workload.fn, self.tasks, self.workers)
+            _bench.warm_up(mapper, self.workload.fn, tasks, self.workers)
             results = benchmark.pedantic(
                 mapper,
-                args=(self.workload.fn, self.tasks),
+                args=(self.workload.fn, tasks),
                 rounds=self.rounds,
                 iterations=1,
             )
-        assert results == self.expected, _bench.describe_mismatch(
+        assert self.workload.check(results, self.expected), _bench.describe_mismatch(
             results, self.expected
         )
+
+    def runner_named(self, name: str) -> _bench.Runner:
+        """This workload's runner called ``name`` (``typed`` has its own)."""
+        runners = _bench.runners_for(self.workload)
+        return next(runner for runner in runners if runner.name == name)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +102,12 @@ def bench_workers(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture(scope="session")
+def bench_rounds(bench_quick: bool) -> int:
+    """Timed rounds per test: one with ``--bench-quick``, else three."""
+    return QUICK_ROUNDS if bench_quick else FULL_ROUNDS
+
+
+@pytest.fixture(scope="session")
 def bench_case(bench_quick: bool, bench_workers: int) -> Callable[[str], BenchCase]:
     """``bench_case(name)``: that workload's tasks and serial results, built once.
 
@@ -103,10 +120,13 @@ def bench_case(bench_quick: bool, bench_workers: int) -> Callable[[str], BenchCa
         if name not in cases:
             workload = _bench.WORKLOADS[name]
             tasks = workload.build_tasks(bench_quick)
+            reference = _bench.reference_runner(workload)
+            with reference.open(bench_workers) as serial_map:
+                expected = serial_map(workload.fn, tasks)
             cases[name] = BenchCase(
                 workload,
                 tasks,
-                list(map(workload.fn, tasks)),
+                expected,
                 bench_workers,
                 QUICK_ROUNDS if bench_quick else FULL_ROUNDS,
             )
@@ -124,7 +144,7 @@ def time_pool_start(bench_workers: int) -> Callable[[Any, str], None]:
     """
 
     def run(benchmark: Any, runner_name: str) -> None:
-        runner = RUNNERS_BY_NAME[runner_name]
+        runner = STARTUP_RUNNERS_BY_NAME[runner_name]
         benchmark.group = "startup"
         benchmark.extra_info.update(workers=bench_workers)
 

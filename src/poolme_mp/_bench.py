@@ -948,7 +948,7 @@ _FULL_SUBMITS = 200
 _QUICK_SUBMITS = 100
 _SUBMIT_PAUSE = 0.002
 #: Plain and progress-bar maps timed alternately, so load drift hits both.
-_PROGRESS_PAIRS = 5
+PROGRESS_PAIRS = 5
 #: Seconds the memory check may take before it counts as hung.
 _RSS_PROBE_TIMEOUT = 300
 
@@ -1186,6 +1186,16 @@ def measure_stream_memory(workers: int, tasks: int = RSS_STREAM_TASKS) -> Figure
     return figure
 
 
+def submit_tries(quick: bool) -> int:
+    """How many single submits the latency measurement times."""
+    return _QUICK_SUBMITS if quick else _FULL_SUBMITS
+
+
+def idle_pause() -> None:
+    """Sleep briefly before a timed submit, so that it reaches an idle pool."""
+    time.sleep(_SUBMIT_PAUSE)
+
+
 def submit_latencies(submit: Callable[[], Result], tries: int) -> list[float]:
     """Seconds from each ``submit`` to its ``.result()``, one call at a time.
 
@@ -1194,7 +1204,7 @@ def submit_latencies(submit: Callable[[], Result], tries: int) -> list[float]:
     """
     seconds = []
     for _ in range(tries):
-        time.sleep(_SUBMIT_PAUSE)
+        idle_pause()
         start = time.perf_counter()
         value = submit()
         seconds.append(time.perf_counter() - start)
@@ -1244,7 +1254,7 @@ def measure_submit(workers: int, quick: bool) -> list[Figure]:
     ``vs_reference`` is the executor's median over this runner's: above 1 is
     quicker.
     """
-    tries = _QUICK_SUBMITS if quick else _FULL_SUBMITS
+    tries = submit_tries(quick)
     figures = []
     for runner, measure in (
         ("ProcessPoolExecutor.submit", measure_executor_submit),
@@ -1265,7 +1275,7 @@ def measure_progress(workers: int, quick: bool) -> list[Figure]:
     """Throughput of ``process`` on tiny tasks without and with ``progress=True``.
 
     The bar writes to a throwaway ``io.StringIO`` (``redirect_stderr``).  The
-    two maps alternate ``_PROGRESS_PAIRS`` times on one warm pool; the last
+    two maps alternate ``PROGRESS_PAIRS`` times on one warm pool; the last
     figure is the bar's overhead in percent of the plain map's best time.
     """
     tasks = tiny_tasks(quick)
@@ -1317,7 +1327,7 @@ def time_progress_pairs(
     results: dict[bool, Sequence[Result]] = {}
     with WorkerPool(workers) as pool, redirect_stderr(io.StringIO()) as bar_output:
         pool.process(square, tasks[: 4 * workers], progress=True)  # imports tqdm
-        for _ in range(_PROGRESS_PAIRS):
+        for _ in range(PROGRESS_PAIRS):
             for bar in (False, True):
                 start = time.perf_counter()
                 results[bar] = pool.process(square, tasks, progress=bar)

@@ -47,6 +47,7 @@ class Call:
         keys: Sequence[Hashable] | None = None,
         flow_limit: int | None = None,
         future: Future[Any] | None = None,
+        drain_on_close: bool = False,
     ) -> None:
         self.id = next(_call_ids)
         self.fn_blob = fn_blob
@@ -61,6 +62,7 @@ class Call:
         self.cancel = cancel
         self.keys = keys
         self.flow_limit = flow_limit
+        self.drain_on_close = drain_on_close
         self.future = future
         # Where tasks come from: a sequence is sliced (fast), anything else
         # is read lazily through an iterator.

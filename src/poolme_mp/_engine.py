@@ -291,8 +291,10 @@ class Engine:
             elif kind == "abort":
                 call, failure = payload
                 self._abort_call(call, failure)
-            elif kind == "close" and payload:
-                self._cancel_pending_futures()
+            elif kind == "close":
+                self._close_streams()
+                if payload:
+                    self._cancel_pending_futures()
         if self.flow_blocked:
             blocked, self.flow_blocked = self.flow_blocked, []
             for call in blocked:
@@ -325,6 +327,21 @@ class Engine:
         else:
             self.function_ids.move_to_end(blob)
         return fn_id
+
+    def _close_streams(self) -> None:
+        """Streams cannot outlive shutdown: one nobody reads would keep it
+        waiting forever.  Executor.map streams are read to the end instead
+        (Executor semantics: submitted work completes and can be iterated
+        afterwards); process_stream streams end with PoolClosedError."""
+        for call in list(self.active.values()):
+            if call.flow_limit is None:
+                continue
+            if call.drain_on_close:
+                call.flow_limit = None
+                self._make_ready(call)
+            else:
+                self._abort_call(call, PoolClosedError(
+                    "the pool was shut down while this stream was still open"))
 
     def _cancel_pending_futures(self) -> None:
         for call in list(self.active.values()):

@@ -243,7 +243,8 @@ class WorkerPool(concurrent.futures.Executor):
               retry: RetryPolicy | None, continue_on_error: bool | None, return_exceptions: bool,
               timeout: float | None, cancel: threading.Event | None,
               keys: Any = None, flow_limit: int | None = None,
-              future: concurrent.futures.Future[Any] | None = None) -> Call:
+              future: concurrent.futures.Future[Any] | None = None,
+              drain_on_close: bool = False) -> Call:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         _check_timeout("timeout", timeout)
@@ -263,7 +264,7 @@ class WorkerPool(concurrent.futures.Executor):
             fn_blob=fn_blob, mode=mode, tasks=tasks, length=length, sink=sink,
             retry=retry or self.retry, stop_on_error=not (keep_going or return_exceptions),
             task_timeout=self.task_timeout, timeout=timeout, cancel=cancel, keys=keys,
-            flow_limit=flow_limit, future=future)
+            flow_limit=flow_limit, future=future, drain_on_close=drain_on_close)
 
     def _run_batch(self, call: Call, sink: ListSink) -> list[Any]:
         engine = self._running_engine()
@@ -447,7 +448,8 @@ class WorkerPool(concurrent.futures.Executor):
         sink = StreamSink(ordered=True, return_exceptions=False)
         call = self._call(fn, zip(*iterables, strict=False), mode=_dispatch.MODE_STAR, sink=sink, length=None,
                           retry=None, continue_on_error=False, return_exceptions=False,
-                          timeout=timeout, cancel=None, flow_limit=self.buffer_size)
+                          timeout=timeout, cancel=None, flow_limit=self.buffer_size,
+                          drain_on_close=True)
         sink.on_consumed = _flow_waker(engine, call)
         engine.submit(call)
         return ResultStream(engine, call, sink)
