@@ -154,7 +154,7 @@ def time_pool_start(bench_workers: int) -> Callable[[Any, str], None]:
             lifetimes.append(contextlib.ExitStack())
             return (lifetimes[-1],), {}
 
-        def start_and_map_one(pool_lifetime: contextlib.ExitStack) -> list[Any]:
+        def start_and_map_one(pool_lifetime: contextlib.ExitStack) -> Sequence[Any]:
             mapper = pool_lifetime.enter_context(runner.open(bench_workers))
             return mapper(_bench.square, [3])
 

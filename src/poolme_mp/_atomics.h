@@ -29,6 +29,12 @@ static inline void pm_store_i64(volatile int64_t *p, int64_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
 
+/* Store desired at *p if it holds expected; true if it did. */
+static inline int pm_cas_i64(volatile int64_t *p, int64_t expected, int64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
 static inline void pm_full_fence(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }

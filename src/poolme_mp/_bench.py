@@ -1064,10 +1064,10 @@ def measure_imap(workers: int, tasks: int, repeats: int) -> Figure:
             figures.append(throughput_figure("stream", name, count, seconds, total))
     bad = [figure for figure in figures if figure.status != "ok"]
     best = bad[0] if bad else max(figures, key=lambda figure: figure.value or 0.0)
-    best.extra["sweep"] = {
-        figure.runner: {"tasks": figure.tasks, "tasks_per_second": figure.value}
-        for figure in figures
-    }
+    best.extra["sweep"] = [
+        {"chunksize": size, "tasks": figure.tasks, "tasks_per_second": figure.value}
+        for size, figure in zip(IMAP_CHUNKSIZES, figures, strict=True)
+    ]
     return best
 
 
@@ -1320,7 +1320,11 @@ def throughput_of(
 def time_progress_pairs(
     workers: int, tasks: Sequence[int]
 ) -> tuple[dict[bool, list[float]], dict[bool, Sequence[Result]], str]:
-    """Alternate plain and bar maps: times and last results by ``progress``, bar text."""
+    """Alternate plain and progress-bar maps on one warm pool.
+
+    Returns the times and the last results, each keyed by ``progress``, and
+    the text the bar wrote.
+    """
     from poolme_mp import WorkerPool
 
     seconds: dict[bool, list[float]] = {False: [], True: []}

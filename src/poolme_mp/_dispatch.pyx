@@ -38,6 +38,10 @@ A slot belongs to one worker at a time:
     +344   task started (CLOCK_MONOTONIC ns) +352 frame seq being run
     +360   result spill ack (last result seq the parent has decoded)
     +368   tasks done (count, for recycling and diagnostics)
+    +376   claim: seq of the frame the worker last took (it swaps in each
+           frame's seq before running it), or -seq of a queued frame the
+           parent took back.  Both sides change it only by compare-and-
+           swap, so a frame is either run or taken back, never both.
     +512   task ring data, then result ring data
 
 Heads and tails are byte counters that only grow; used space is
@@ -62,6 +66,7 @@ cdef extern from "_atomics.h":
     int64_t pm_load_i64(const volatile int64_t *p) nogil
     void pm_store_i64(volatile int64_t *p, int64_t v) nogil
     void pm_full_fence() nogil
+    int pm_cas_i64(volatile int64_t *p, int64_t expected, int64_t desired) nogil
     int64_t pm_monotonic_ns() nogil
 
 import mmap as _mmap
@@ -118,6 +123,7 @@ cdef enum:
     _OFF_FRAME_SEQ = 352
     _OFF_SPILL_ACK = 360
     _OFF_DONE = 368
+    _OFF_CLAIM = 376
 
 
 def region_bytes(int n_slots, uint64_t ring_bytes):
@@ -415,6 +421,16 @@ cdef class SharedRegion:
 
     def spill_ack(self, int slot):
         return pm_load_i64(self._i64(slot, _OFF_SPILL_ACK))
+
+    def claim(self, int slot, int64_t previous, int64_t seq):
+        """Worker: take frame seq to run it.  previous is the claim value
+        the worker left last time.  False if the parent took it back."""
+        return bool(pm_cas_i64(self._i64(slot, _OFF_CLAIM), previous, seq))
+
+    def take_back(self, int slot, int64_t running_seq, int64_t seq):
+        """Parent: take back queued frame seq, which works only while the
+        worker is still on running_seq.  True if taken back."""
+        return bool(pm_cas_i64(self._i64(slot, _OFF_CLAIM), running_seq, -seq))
 
     def tasks_done(self, int slot):
         return pm_load_i64(self._i64(slot, _OFF_DONE))

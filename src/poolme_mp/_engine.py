@@ -879,13 +879,48 @@ class Engine:
                 times.append(now + min(POLL_INTERVAL, handle.frames[0].call.task_timeout / 4))
             if handle.stopping or handle.kill_reason is not None:
                 times.append(now + 0.1)
+            if len(handle.frames) >= 2:
+                times.append(now + 0.005)
         if not times:
             return None
         return max(0.0, min(times) - now)
 
     # -- dispatch -------------------------------------------------------------------
 
+    def _take_back_stuck_frames(self) -> None:
+        """Work stealing: a frame queued behind one that runs far longer
+        than expected is asked back, so an idle worker can run its tasks.
+        The worker skips it only if it has not started it; either way its
+        tasks run exactly once."""
+        workers = [h for h in self.workers if h is not None and h.kill_reason is None]
+        if not any(not h.frames and not h.stopping for h in workers):
+            return
+        now_ns = _dispatch.monotonic_ns()
+        for handle in workers:
+            if len(handle.frames) < 2:
+                continue
+            head, queued = handle.frames[0], handle.frames[1]
+            cost = self.costs.get(head.call.fn_id)
+            expected = cost[0] * len(head.tasks) if cost else 0
+            if now_ns - head.sent_ns <= max(4 * expected, 2_000_000):
+                continue
+            if self.region.take_back(handle.slot, head.seq, queued.seq):
+                self._taken_back(handle, queued)
+
+    def _taken_back(self, handle: WorkerHandle, frame: Frame) -> None:
+        """The worker will skip this frame; its tasks go to another."""
+        handle.frames.remove(frame)
+        handle.tasks_sent -= len(frame.tasks)
+        if frame.spill is not None:
+            frame.spill.close()
+        self.arenas[handle.slot].release(frame.arena_region)
+        call = frame.call
+        call.in_flight -= len(frame.tasks)
+        if not call.done:
+            self._requeue(call, frame.pending(range(len(frame.tasks))))
+
     def _dispatch(self) -> None:
+        self._take_back_stuck_frames()
         while self.ready:
             handle = self._least_loaded_worker()
             if handle is None:

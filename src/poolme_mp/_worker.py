@@ -139,6 +139,8 @@ class Worker:
         # Result spills waiting for the parent to map them: (seq, spill).
         self.unacked_spills: deque[tuple[int, _codec.Spill]] = deque()
         self.tasks_done = 0
+        # The claim word's value as this worker last left it.
+        self.claimed = 0
 
     # -- sending --------------------------------------------------------
 
@@ -181,6 +183,13 @@ class Worker:
             call_id, fn_id, fn_len, mode, flags = header
             start = proto.TASK_HEADER.size
             fn = self.function(fn_id, payload[start:start + fn_len] if fn_len else None)
+            if not region.claim(slot, self.claimed, seq):
+                # The parent took this frame back for an idle worker.
+                self.claimed = -seq
+                del payload
+                region.consume(slot, _dispatch.TASKS, frame_bytes)
+                continue
+            self.claimed = seq
             envelope = payload[start + fn_len:]
             arena_region = _codec.arena_region(envelope)
             in_place: list[memoryview] = []

@@ -393,9 +393,9 @@ def format_figures(figures: list[dict[str, Any]]) -> str:
 def _sweep_line(figure: dict[str, Any]) -> str:
     """The imap chunksizes tried, each with its rate, on one line."""
     rates = ", ".join(
-        f"{runner.split('=')[1].rstrip(')')}: {_number(r['tasks_per_second'], '{:,.0f}')}"
-        f" ({r['tasks']:,} tasks)"
-        for runner, r in figure["sweep"].items()
+        f"{tried['chunksize']}: {_number(tried['tasks_per_second'], '{:,.0f}')} "
+        f"({tried['tasks']:,} tasks)"
+        for tried in figure["sweep"]
     )
     return f"stream/mp.Pool.imap chunksizes tried, tasks/s: {rates}"
 
