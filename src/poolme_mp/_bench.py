@@ -24,13 +24,11 @@ import functools
 import importlib
 import importlib.util
 import io
-import json
 import multiprocessing
 import multiprocessing.pool
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import sysconfig
 import time
@@ -949,8 +947,6 @@ _QUICK_SUBMITS = 100
 _SUBMIT_PAUSE = 0.002
 #: Plain and progress-bar maps timed alternately, so load drift hits both.
 PROGRESS_PAIRS = 5
-#: Seconds the memory check may take before it counts as hung.
-_RSS_PROBE_TIMEOUT = 300
 
 
 @dataclass
@@ -1108,80 +1104,76 @@ def measure_stream(workers: int, quick: bool, repeats: int) -> list[Figure]:
     return figures
 
 
-def stream_rss_probe(tasks: int, workers: int) -> dict[str, Any]:
-    """Stream ``tasks`` inputs through poolme_mp; this process's peak RSS around it.
+def reset_peak_rss() -> bool:
+    """Lower this process's peak RSS to its current RSS; whether that worked.
 
-    Run in a fresh interpreter (see ``measure_stream_memory``): ``ru_maxrss``
-    is a lifetime peak, which the array workloads would already have raised.
-    For contrast, ``process`` over a list of a tenth as many inputs follows.
+    Linux resets it when ``5`` is written to ``/proc/self/clear_refs``; from
+    then on ``ru_maxrss`` is the peak since the reset, not since the start.
     """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_kib() -> int:
+    """``getrusage(RUSAGE_SELF).ru_maxrss``: peak RSS in KiB (on Linux)."""
     import resource
 
-    from poolme_mp import WorkerPool
-
-    def peak_kib() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    with WorkerPool(workers) as pool:
-        sum(pool.process_stream(square, range(10_000)))
-        before = peak_kib()
-        start = time.perf_counter()
-        total = sum(pool.process_stream(square, range(tasks)))
-        seconds = time.perf_counter() - start
-        after_stream = peak_kib()
-        listed = tasks // 10
-        listed_total = sum(pool.process(square, list(range(listed))))
-        after_list = peak_kib()
-    return {
-        "tasks": tasks,
-        "seconds": seconds,
-        "correct": total == sum_of_squares(tasks),
-        "peak_rss_before_kib": before,
-        "peak_rss_after_kib": after_stream,
-        "list_tasks": listed,
-        "list_correct": listed_total == sum_of_squares(listed),
-        "peak_rss_after_list_kib": after_list,
-    }
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-#: The fresh interpreter's script: run the probe, print its JSON.
-_RSS_PROBE_SCRIPT = (
-    "import json, sys\n"
-    "from poolme_mp._bench import stream_rss_probe\n"
-    "print(json.dumps(stream_rss_probe(int(sys.argv[1]), int(sys.argv[2]))))\n"
-)
+def rss_growth_kib(run: Callable[[], Result]) -> tuple[int, int, Result]:
+    """Peak RSS just before ``run`` and after it (reset first), and its result."""
+    reset_peak_rss()
+    before = peak_rss_kib()
+    result = run()
+    return before, peak_rss_kib(), result
 
 
 def measure_stream_memory(workers: int, tasks: int = RSS_STREAM_TASKS) -> Figure:
-    """Peak-RSS growth of a fresh parent process while streaming ``tasks`` inputs.
+    """Peak-RSS growth of this (parent) process while ``tasks`` inputs stream.
 
-    The value is MiB of growth (``ru_maxrss`` after minus before); ``detail``
-    adds the growth of a ``process`` call over a list for contrast.
+    The value is MiB of growth (``ru_maxrss`` after minus before), with the
+    peak reset just before, so that earlier workloads' peaks do not hide it.
+    ``process`` over a list of a tenth as many inputs follows, for contrast.
     """
+    from poolme_mp import WorkerPool
+
     figure = Figure("stream-rss", "poolme_mp.process_stream", tasks, unit="MiB")
+    if not reset_peak_rss():
+        figure.status, figure.detail = "skipped", "cannot reset the peak RSS here"
+        return figure
+    listed = tasks // 10
     try:
-        completed = subprocess.run(
-            [sys.executable, "-c", _RSS_PROBE_SCRIPT, str(tasks), str(workers)],
-            capture_output=True,
-            text=True,
-            timeout=_RSS_PROBE_TIMEOUT,
-            check=True,
-        )
-        probe = json.loads(completed.stdout.splitlines()[-1])
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as error:
+        with WorkerPool(workers) as pool:
+            sum(pool.process_stream(square, range(4 * workers)))
+            start = time.perf_counter()
+            before, after, total = rss_growth_kib(
+                lambda: sum(pool.process_stream(square, range(tasks)))
+            )
+            seconds = time.perf_counter() - start
+            list_before, list_after, results = rss_growth_kib(
+                lambda: pool.process(square, list(range(listed)))
+            )
+    except Exception as error:  # noqa: BLE001 - reported, and fails the run
         return failed_figure(figure.measure, figure.runner, tasks, error)
-    figure.extra = probe
-    figure.value = (probe["peak_rss_after_kib"] - probe["peak_rss_before_kib"]) / 1024
-    list_growth = (
-        probe["peak_rss_after_list_kib"] - probe["peak_rss_after_kib"]
-    ) / 1024
+    figure.value = (after - before) / 1024
+    figure.extra = {
+        "peak_rss_before_kib": before,
+        "peak_rss_after_kib": after,
+        "seconds": seconds,
+        "list_tasks": listed,
+        "list_peak_rss_growth_kib": list_after - list_before,
+    }
     figure.detail = (
-        f"peak RSS {probe['peak_rss_before_kib'] / 1024:.0f} -> "
-        f"{probe['peak_rss_after_kib'] / 1024:.0f} MiB in "
-        f"{probe['seconds']:.1f} s; process() over a list of "
-        f"{probe['list_tasks']:,} then added {list_growth:.0f} MiB"
+        f"peak RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB over "
+        f"{seconds:.1f} s; process() over a list of {listed:,} inputs: "
+        f"+{(list_after - list_before) / 1024:.0f} MiB"
     )
-    if not (probe["correct"] and probe["list_correct"]):
+    if total != sum_of_squares(tasks) or sum(results) != sum_of_squares(listed):
         figure.status, figure.detail = "mismatch", "wrong sum of squares"
     return figure
 

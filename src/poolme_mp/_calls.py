@@ -76,6 +76,7 @@ class Call:
         self.pending: deque[PendingTask] = deque()
         self.in_flight = 0
         self.delayed = 0
+        self.frames_sent = 0
         self.done = False
         self.in_ready_queue = False
         # Typed output (dtype= / out=): the shared array results go to,

@@ -982,6 +982,10 @@ class Engine:
             # Grow at most fourfold past the largest batch measured, so a
             # slow function seen once as fast cannot flood one worker.
             size = min(TARGET_FRAME_NS // cost[0], 4 * cost[1])
+        if call.frames_sent < self.options.workers:
+            # Start every worker quickly with a small frame rather than
+            # make the last one wait while the first frame is encoded.
+            size = max(1, size // 8)
         remaining = call.remaining()
         if remaining is not None:
             # Keep part of the input back so that the tail spreads over the
@@ -1055,6 +1059,7 @@ class Engine:
         handle.frames.append(frame)
         handle.tasks_sent += len(frame.tasks)
         call.in_flight += len(frame.tasks)
+        call.frames_sent += 1
         self._after_send(handle, call, frame)
         return True
 
