@@ -57,3 +57,9 @@ class SharedRegion:
         self, slot: int, fn: Callable[..., Any], mode: int, tasks: list[Any],
         call_id: int, stop_on_error: bool, timed: bool = ...,
     ) -> tuple[list[Any], list[tuple[int, BaseException]], int, int]: ...
+
+def run_typed_1d(
+    region: SharedRegion, slot: int, fn: Callable[..., Any], source: Any, output: Any,
+    call_id: int, stop_on_error: bool,
+) -> tuple[list[tuple[int, BaseException]], int, int]: ...
+def typed_1d_supported(source: Any, output: Any) -> bool: ...

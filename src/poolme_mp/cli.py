@@ -387,7 +387,7 @@ def format_figures(figures: list[dict[str, Any]]) -> str:
         if f["detail"] and f["status"] == "ok"
     ]
     notes.extend(_sweep_line(f) for f in figures if "sweep" in f)
-    return "\n\n".join([table, FIGURES_NOTE, "\n".join(notes)])
+    return "\n\n".join(part for part in (table, FIGURES_NOTE, "\n".join(notes)) if part)
 
 
 def _sweep_line(figure: dict[str, Any]) -> str:
