@@ -235,7 +235,7 @@ def test_stream_over_smallest_ring_finishes() -> None:
             results = consume_within(stream, timeout=10)
         finally:
             stream.close()
-            if not stream._sink.finished:  # stuck: do not hang the shutdown
+            if not stream._reader.sink.finished:  # stuck: do not hang the shutdown
                 pool.terminate()
     assert results == list(range(1, 100_001))
 

@@ -16,6 +16,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "or build it in place with `python setup.py build_ext --inplace`."
     ) from exc
 
+from typing import TYPE_CHECKING
+
 from ._errors import (
     BrokenPoolError,
     CallbackError,
@@ -32,6 +34,10 @@ from ._errors import (
 )
 from ._policies import RateLimiter, RetryPolicy, TokenBucket
 from ._pool import ResultStream, UnpicklableFunctionError, WorkerPool
+from ._state import WorkerState, worker_state
+
+if TYPE_CHECKING:
+    from ._shared import SharedArray, empty_shared, share
 
 
 def __getattr__(name: str) -> object:
@@ -62,8 +68,10 @@ __all__ = [
     "UnpicklableFunctionError",
     "WorkerCrashedError",
     "WorkerPool",
+    "WorkerState",
     "empty_shared",
     "share",
+    "worker_state",
 ]
 
 __version__ = "0.1.0"

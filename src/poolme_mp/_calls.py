@@ -183,7 +183,9 @@ class Sink:
     def set_length(self, length: int) -> None:
         pass
 
-    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> Any:
+        """Store results; a sink may return (index, error) pairs for results
+        it cannot hold."""
         raise NotImplementedError
 
     def fail(self, index: int, error: TaskError) -> None:
@@ -296,13 +298,20 @@ class TypedSink(ListSink):
         self.out = empty_shared((self.length, *shape), self.dtype)
         return self.out
 
-    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False
+               ) -> list[tuple[int, BaseException]]:
+        """Store results; returns (index, error) for those that do not fit."""
+        misfits: list[tuple[int, BaseException]] = []
         if not written:
             out = self.out
             for index, value in zip(indices, values, strict=True):
-                out[index] = value
+                try:
+                    out[index] = value
+                except Exception as exc:
+                    misfits.append((index, exc))
         if self.progress is not None:
-            self.progress.update(len(values))
+            self.progress.update(len(values) - len(misfits))
+        return misfits
 
     def fail(self, index: int, error: TaskError) -> None:
         self.errors[index] = error
@@ -312,7 +321,11 @@ class TypedSink(ListSink):
     def outcome(self) -> Any:
         if self.failure is not None:
             raise self.failure
-        result = self.out
+        import numpy as np
+
+        # A plain ndarray view: it keeps the shared memory alive as long as
+        # it is referenced, like any array keeps its buffer.
+        result = np.asarray(self.out).view(np.ndarray)
         if self.user_out is not None:
             self.user_out[...] = self.out
             result = self.user_out

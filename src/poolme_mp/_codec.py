@@ -45,6 +45,7 @@ OUT_OF_BAND_THRESHOLD = 256 * 1024
 
 _SPILL_HEADER = struct.Struct("<qiQII")
 _ARENA_HEADER = struct.Struct("<QQI")
+_FUNCTION_SPILL = struct.Struct("<qiQ")
 _IN_ARENA = b"\x02"
 _RANGE = struct.Struct("<QQ")
 _INLINE = b"\x00"
@@ -136,8 +137,29 @@ def dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
 
 def dumps_function(fn: Callable[..., Any]) -> bytes:
     """Pickle a function by value where needed, so that lambdas, closures
-    and functions of __main__ work under every start method."""
-    return bytes(cloudpickle.dumps(fn, protocol=5))
+    and functions of __main__ work under every start method.  Shared arrays
+    it captures travel by reference, as they do in tasks."""
+    stream = io.BytesIO()
+    _CloudPickler(stream, protocol=5).dump(fn)
+    return stream.getvalue()
+
+
+def encode_function(blob: bytes, inline_limit: int) -> tuple[bytes, Spill | None]:
+    """A function's bytes as they travel in a frame: inline (b"\\x00" +
+    blob), or, for a function that captured a lot of data, in a spill
+    segment (b"\\x01" + pid, fd, size)."""
+    if len(blob) <= inline_limit:
+        return _INLINE + blob, None
+    spill = Spill([memoryview(blob)])
+    return _SPILLED + _FUNCTION_SPILL.pack(os.getpid(), spill.fd, len(blob)), spill
+
+
+def decode_function(part: Any) -> Any:
+    view = memoryview(part)
+    if view[0] == 0:
+        return cloudpickle.loads(view[1:])
+    pid, fd, size = _FUNCTION_SPILL.unpack_from(view, 1)
+    return cloudpickle.loads(map_spill(pid, fd, max(size, 1), False)[:size])
 
 
 class Spill:

@@ -580,3 +580,59 @@ def typed_1d_supported(source, output):
                 and output.flags.writeable and source.dtype.isnative and output.dtype.isnative)
     except AttributeError:
         return False
+
+
+cdef class ChunkedIterator:
+    """Iterates over items that arrive in chunks (lists), at C speed.
+
+    fetch() returns the next chunk, or None at the end.  An item whose
+    type is marker_type is passed to on_marker(item), which returns
+    (keep, value) or raises; other items are returned as they are.  The
+    stream of process_stream is built on this so that a for loop costs
+    an index and a type check per result, not a Python call.
+    """
+
+    cdef list _chunk
+    cdef Py_ssize_t _position
+    cdef object _fetch
+    cdef object _marker_type
+    cdef object _on_marker
+    cdef bint _done
+
+    def __init__(self, fetch, marker_type, on_marker):
+        self._chunk = []
+        self._position = 0
+        self._fetch = fetch
+        self._marker_type = marker_type
+        self._on_marker = on_marker
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef object value
+        while True:
+            if self._position < len(self._chunk):
+                value = self._chunk[self._position]
+                self._position += 1
+                if type(value) is self._marker_type:
+                    keep, value = self._on_marker(value)
+                    if not keep:
+                        continue
+                return value
+            if self._done:
+                raise StopIteration
+            chunk = self._fetch()
+            if chunk is None:
+                self._done = True
+                self._chunk = []
+                raise StopIteration
+            self._chunk = chunk
+            self._position = 0
+
+    def drop_remaining(self):
+        """End the iteration now, discarding items not yet handed out."""
+        self._chunk = []
+        self._position = 0
+        self._done = True

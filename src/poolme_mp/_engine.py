@@ -101,6 +101,12 @@ class Frame:
     typed: bool = False
     arena_region: tuple[int, int] | None = None
     sent_ns: int = 0
+    fn_spill: _codec.Spill | None = None
+
+    def close_spills(self) -> None:
+        for spill in (self.spill, self.fn_spill):
+            if spill is not None:
+                spill.close()
 
     def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
         attempts = self.attempts
@@ -276,8 +282,21 @@ class Engine:
                 self._wait()
         except BaseException as exc:  # an engine bug must not hang callers
             _log.error("poolme_mp engine failed", exc_info=True)
-            self._fail_all(RuntimeError(f"poolme_mp engine failed: {exc!r}"))
+            broken = BrokenPoolError(f"the poolme_mp engine failed: {exc!r}")
+            broken.__cause__ = exc
+            with self.requests_lock:
+                self.broken = broken
+            self._fail_all(broken)
         finally:
+            with self.requests_lock:
+                # Whatever ends the engine, later calls must fail at once
+                # rather than wait for a thread that is gone.
+                self.closing = True
+                pending, self.requests = self.requests, deque()
+            for kind, payload in pending:
+                if kind == "call":
+                    payload.done = True
+                    payload.sink.finish(self.broken or PoolClosedError("the pool was shut down"))
             self._teardown()
 
     # -- requests -------------------------------------------------------------
@@ -418,8 +437,7 @@ class Engine:
         frames = list(handle.frames)
         handle.frames.clear()
         for position, frame in enumerate(frames):
-            if frame.spill is not None:
-                frame.spill.close()
+            frame.close_spills()
             frame.arena_region = None  # the whole arena is reset below
             call = frame.call
             call.in_flight -= len(frame.tasks)
@@ -553,10 +571,17 @@ class Engine:
             _log.error("on_worker_stop raised in worker pid %s: %r", handle.pid, failure)
 
     def _on_results(self, handle: WorkerHandle, seq: int, payload: Any) -> None:
+        frame = handle.frames[0]
+        try:
+            self._take_results(handle, seq, payload)
+        except Exception as exc:
+            # A fault in one call's results must not stop the engine.
+            self._abort_call(frame.call, _internal_error("collecting results", exc))
+
+    def _take_results(self, handle: WorkerHandle, seq: int, payload: Any) -> None:
         frame = handle.frames.popleft()
         assert frame.seq == seq, (frame.seq, seq)
-        if frame.spill is not None:
-            frame.spill.close()
+        frame.close_spills()
         arenas = self.arenas[handle.slot]
         call = frame.call
         n = len(frame.tasks)
@@ -621,7 +646,9 @@ class Engine:
         if call.probing:
             self._learn_output_shape(call, frame, results, records, stopped_at)
         if not records and stopped_at < 0:
-            call.sink.accept(frame.indices, results, frame.typed)
+            misfits = call.sink.accept(frame.indices, results, frame.typed)
+            if misfits:
+                self._misfit_results(handle, frame, misfits)
             if end_callback is not None:
                 for index, value in zip(frame.indices, results, strict=True):
                     self._callback(call, end_callback, self._task_ref(call, index), value)
@@ -638,11 +665,25 @@ class Engine:
                 error = self._task_error(call, frame, offset, handle, record, cause)
                 self._task_failed(call, frame, offset, error, cause)
             elif offset < ran:
-                call.sink.accept([index], [results[offset]], frame.typed)
+                misfits = call.sink.accept([index], [results[offset]], frame.typed)
+                if misfits:
+                    self._misfit_results(handle, frame, misfits)
                 if end_callback is not None:
                     self._callback(call, end_callback, self._task_ref(call, index), results[offset])
             else:
                 self._requeue(call, frame.pending([offset]))
+
+    def _misfit_results(self, handle: WorkerHandle, frame: Frame,
+                        misfits: list[tuple[int, BaseException]]) -> None:
+        """Results the typed output cannot hold fail their own tasks."""
+        call = frame.call
+        for index, exc in misfits:
+            error = TaskSerializationError(
+                f"{self._describe(call, index)}: its result does not fit the output array "
+                f"({type(exc).__name__}: {exc})", direction="result", index=index,
+                key=call.key_of(index), worker_pid=handle.pid)
+            error.__cause__ = exc
+            self._final_failure(call, index, error)
 
     def _learn_output_shape(self, call: Call, frame: Frame, results: Any,
                             records: list[tuple[Any, ...]], stopped_at: int) -> None:
@@ -911,8 +952,7 @@ class Engine:
         """The worker will skip this frame; its tasks go to another."""
         handle.frames.remove(frame)
         handle.tasks_sent -= len(frame.tasks)
-        if frame.spill is not None:
-            frame.spill.close()
+        frame.close_spills()
         self.arenas[handle.slot].release(frame.arena_region)
         call = frame.call
         call.in_flight -= len(frame.tasks)
@@ -931,7 +971,12 @@ class Engine:
                 if not call.done and not call.exhausted and not call.pending:
                     self.flow_blocked.append(call)
                 continue
-            sent = self._send_frame(handle, call)
+            try:
+                sent = self._send_frame(handle, call)
+            except Exception as exc:
+                # A fault in one call's data must not stop the engine.
+                self._abort_call(call, _internal_error("sending tasks", exc))
+                continue
             if call.has_work():
                 self._make_ready(call)
             elif not call.done and not call.exhausted:
@@ -1041,7 +1086,9 @@ class Engine:
         if parts is None:
             return True
         fn_known = call.fn_id in handle.known_functions
-        fn_part = b"" if fn_known else call.fn_blob
+        fn_part = b""
+        if not fn_known:
+            fn_part, frame.fn_spill = _codec.encode_function(call.fn_blob, self.inline_limit // 2)
         flags = proto.FLAG_STOP_ON_ERROR if call.stop_on_error and call.retry.max_attempts == 1 else 0
         if call.task_timeout is not None:
             flags |= proto.FLAG_TIMED
@@ -1051,8 +1098,7 @@ class Engine:
         pushed = self.region.push(handle.slot, _dispatch.TASKS, proto.TASKS, frame.seq,
                                   [header, fn_part, *parts])
         if not pushed:
-            if frame.spill is not None:
-                frame.spill.close()
+            frame.close_spills()
             self.arenas[handle.slot].release(frame.arena_region)
             call.requeue(frame.pending(range(len(frame.tasks)), isolated))
             return False
@@ -1182,8 +1228,7 @@ class Engine:
                 continue
             handle.process.join(5)
             for frame in handle.frames:
-                if frame.spill is not None:
-                    frame.spill.close()
+                frame.close_spills()
             os.close(handle.doorbell)
         self.workers = [None] * self.options.workers
         self._fail_all(PoolClosedError("the pool was shut down"))
@@ -1217,6 +1262,12 @@ def _load(handle: WorkerHandle) -> tuple[int, int]:
 
 def _take_rows(block: Any, count: int) -> Any:
     return type(block)(block.rows[:count])
+
+
+def _internal_error(stage: str, exc: BaseException) -> TaskError:
+    error = TaskError(f"poolme_mp failed while {stage} for this call: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _crash_stage(phase: int) -> str:

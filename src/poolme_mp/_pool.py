@@ -467,6 +467,9 @@ class WorkerPool(concurrent.futures.Executor):
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             token.set()
+            # The work now ends with CallCancelledError, which nobody will
+            # await; take it so asyncio does not report it as lost.
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
 
     async def aprocess_stream(self, fn: Callable[[T], R], tasks: Iterable[T],
@@ -477,95 +480,48 @@ class WorkerPool(concurrent.futures.Executor):
             yield value
 
 
-class ResultStream(Iterator[R]):
-    """The iterator returned by process_stream and map."""
+class ResultStream(_dispatch.ChunkedIterator, Iterator[R]):
+    """The iterator returned by process_stream and map.
+
+    Results arrive in chunks (one per frame) and are handed out by a C
+    iterator, so a for loop over a stream costs little per result.
+    close() (or dropping the stream) stops reading input and drops the
+    work in flight.
+    """
 
     def __init__(self, engine: Engine, call: Call, sink: StreamSink) -> None:
-        self._engine = engine
-        self._call = call
-        self._sink = sink
-        self._chunk: Iterator[Any] = iter(())
-        self._closed = False
-        self._errors: list[TaskError] = []
+        self._reader = _StreamReader(engine, call, sink)
+        super().__init__(self._reader.next_chunk_or_end, Failure, self._reader.on_failure)
 
     def __iter__(self) -> ResultStream[R]:
         return self
 
     def __next__(self) -> R:
-        while True:
-            for value in self._chunk:
-                if type(value) is not Failure:
-                    return value  # type: ignore[no-any-return]
-                if self._keep_failure(value):
-                    return value.error  # type: ignore[return-value]
-            chunk = self._next_chunk_or_none()
-            if chunk is None:
-                self._raise_collected()
-                raise StopIteration
-            self._chunk = iter(chunk)
-
-    def _keep_failure(self, failure: Failure) -> bool:
-        """What a failed task's place in the stream turns into: its error as
-        an item (return_exceptions), the end of the stream (the default),
-        or nothing now and a TaskErrorGroup at the end (continue_on_error)."""
-        if self._sink.return_exceptions:
-            return True
-        if self._call.stop_on_error:
-            self.close()
-            raise failure.error
-        self._errors.append(failure.error)
-        return False
-
-    def _raise_collected(self) -> None:
-        if self._errors:
-            errors, self._errors = self._errors, []
-            raise TaskErrorGroup(f"{len(errors)} tasks failed", errors)
+        return super().__next__()  # type: ignore[no-any-return]
 
     async def _async_values(self) -> AsyncIterator[R]:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        reader = self._reader
         try:
             while True:
-                chunk = await loop.run_in_executor(None, self._next_chunk_or_none)
+                chunk = await loop.run_in_executor(None, reader.next_chunk_or_end)
                 if chunk is None:
-                    self._raise_collected()
                     return
                 for value in chunk:
                     if type(value) is Failure:
-                        if not self._keep_failure(value):
+                        keep, value = reader.on_failure(value)
+                        if not keep:
                             continue
-                        value = value.error
                     yield value
         finally:
-            self.close()
-
-    def _next_chunk_or_none(self) -> list[Any] | None:
-        if self._closed:
-            return None
-        box: list[list[Any] | None] = []
-
-        def take(poll: float) -> bool:
-            box.append(self._sink.next_chunk(poll))
-            return True
-
-        try:
-            _wait_interruptibly(take, self.close)
-        except BaseException:
-            self._closed = True
-            raise
-        chunk = box[0]
-        if chunk is None:
-            self._closed = True
-        return chunk
+            reader.stop()
 
     def close(self) -> None:
         """Stop the stream: read no more input, drop work in flight."""
-        self._chunk = iter(())
-        if not self._closed:
-            self._closed = True
-            if not self._sink.finished:
-                self._engine.abort(self._call, None)
+        self.drop_remaining()
+        self._reader.stop()
 
     def __enter__(self) -> ResultStream[R]:
         return self
@@ -578,6 +534,68 @@ class ResultStream(Iterator[R]):
             self.close()
         except Exception:
             pass
+
+
+class _StreamReader:
+    """What a stream's generator works with.
+
+    Kept apart from ResultStream so that the callbacks the iterator holds
+    do not point back at the stream: a stream dropped mid-loop is freed at
+    once, and its __del__ stops the work.
+    """
+
+    def __init__(self, engine: Engine, call: Call, sink: StreamSink) -> None:
+        self.engine = engine
+        self.call = call
+        self.sink = sink
+        self.closed = False
+        self.errors: list[TaskError] = []
+
+    def next_chunk(self) -> list[Any] | None:
+        if self.closed:
+            return None
+        box: list[list[Any] | None] = []
+
+        def take(poll: float) -> bool:
+            box.append(self.sink.next_chunk(poll))
+            return True
+
+        try:
+            _wait_interruptibly(take, self.stop)
+        except BaseException:
+            self.closed = True
+            raise
+        chunk = box[0]
+        if chunk is None:
+            self.closed = True
+        return chunk
+
+    def next_chunk_or_end(self) -> list[Any] | None:
+        """The next chunk; None at the end, after raising the failures
+        collected under continue_on_error."""
+        chunk = self.next_chunk()
+        if chunk is None and self.errors:
+            errors, self.errors = self.errors, []
+            raise TaskErrorGroup(f"{len(errors)} tasks failed", errors)
+        return chunk
+
+    def on_failure(self, failure: Failure) -> tuple[bool, Any]:
+        """What a failed task's place in the stream turns into: its error as
+        an item (return_exceptions), the end of the stream (the default),
+        or nothing now and a TaskErrorGroup at the end (continue_on_error)."""
+        if self.sink.return_exceptions:
+            return True, failure.error
+        if self.call.stop_on_error:
+            self.stop()
+            raise failure.error
+        self.errors.append(failure.error)
+        return False, None
+
+    def stop(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if not self.sink.finished:
+                self.engine.abort(self.call, None)
 
 
 def _flow_waker(engine: Engine, call: Call) -> Callable[[], None]:

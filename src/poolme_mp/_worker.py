@@ -240,7 +240,7 @@ class Worker:
         """The function of fn_id, unpickling it when it comes with the frame."""
         if blob is not None:
             try:
-                fn: Any = cloudpickle.loads(blob)
+                fn: Any = _codec.decode_function(blob)
             except BaseException as exc:
                 fn = _FunctionLoadFailure(exc)
             self.functions[fn_id] = fn
