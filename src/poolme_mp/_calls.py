@@ -223,7 +223,7 @@ class ListSink(Sink):
         if stop > len(self.results):
             self.results.extend([_MISSING] * (stop - len(self.results)))
 
-    def accept(self, indices: Any, values: list[Any], written: bool = False) -> None:
+    def accept(self, indices: Any, values: list[Any], written: bool = False) -> Any:
         if type(indices) is range:
             self._grow(indices.stop)
             self.results[indices.start:indices.stop] = values
