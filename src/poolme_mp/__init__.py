@@ -9,7 +9,7 @@ See WorkerPool for the options and the error contract.
 
 try:
     from . import _dispatch  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the install
+except ImportError as exc:
     raise ImportError(
         "poolme_mp's compiled dispatch core (poolme_mp._dispatch) is missing. "
         "Install the package with `pip install .` (needs a C compiler and Cython), "

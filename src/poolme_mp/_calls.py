@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
@@ -175,7 +176,7 @@ class Call:
         return None if self.keys is None else self.keys[index]
 
 
-class Sink:
+class Sink(ABC):
     """Receives a call's outcomes, on the engine thread."""
 
     consumed = 0
@@ -183,16 +184,18 @@ class Sink:
     def set_length(self, length: int) -> None:
         pass
 
+    @abstractmethod
     def accept(self, indices: Any, values: list[Any], written: bool = False) -> Any:
         """Store results; a sink may return (index, error) pairs for results
         it cannot hold."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fail(self, index: int, error: TaskError) -> None:
-        raise NotImplementedError
+        """Store the final failure of one task."""
 
+    @abstractmethod
     def finish(self, failure: BaseException | None) -> None:
-        raise NotImplementedError
+        """The call is over: with failure, it failed as a whole."""
 
 
 _MISSING: Any = object()
