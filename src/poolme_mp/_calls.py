@@ -181,8 +181,8 @@ class Sink(ABC):
 
     consumed = 0
 
-    def set_length(self, length: int) -> None:
-        pass
+    def set_length(self, length: int) -> None:  # noqa: B027 - optional hook
+        """The input turned out to hold length tasks (sinks may ignore it)."""
 
     @abstractmethod
     def accept(self, indices: Any, values: list[Any], written: bool = False) -> Any:
