@@ -39,6 +39,8 @@ from ._calls import Call, PendingTask
 from ._errors import (
     BrokenPoolError,
     CallbackError,
+    CallCancelledError,
+    CallTimeoutError,
     PoolClosedError,
     RemoteError,
     TaskError,
@@ -865,12 +867,10 @@ class Engine:
         now = time.monotonic()
         for call in list(self.active.values()):
             if call.deadline is not None and now >= call.deadline:
-                from ._errors import CallTimeoutError
                 self._abort_call(call, CallTimeoutError(
                     f"the call did not finish within timeout={call.timeout}s; "
                     "its unstarted tasks were dropped and running ones abandoned"))
             elif call.cancel is not None and call.cancel.is_set():
-                from ._errors import CallCancelledError
                 self._abort_call(call, CallCancelledError(
                     "the call's cancel token was set; its unstarted tasks were dropped "
                     "and running ones abandoned"))

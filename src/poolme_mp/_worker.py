@@ -31,7 +31,6 @@ import cloudpickle
 from . import _arena, _codec, _dispatch
 from . import _protocol as proto
 
-_log = logging.getLogger("poolme_mp.worker")
 
 
 class InheritedFd:
@@ -70,7 +69,6 @@ class WorkerConfig:
     on_worker_start: bytes | None = None
     on_worker_stop: bytes | None = None
     log_levels: dict[str, int] = field(default_factory=dict)
-    max_tasks: int = 0
 
 
 def error_record(offset: int, exc: BaseException, direction: str | None = None) -> tuple[Any, ...]:
