@@ -32,7 +32,6 @@ from . import _arena, _codec, _dispatch
 from . import _protocol as proto
 
 
-
 class InheritedFd:
     """A file descriptor handed to a worker under any start method.
 
