@@ -37,7 +37,6 @@ A slot belongs to one worker at a time:
     +320   pid            +328 phase        +336 running offset
     +344   task started (CLOCK_MONOTONIC ns) +352 frame seq being run
     +360   result spill ack (last result seq the parent has decoded)
-    +368   tasks done (count, for recycling and diagnostics)
     +376   claim: seq of the frame the worker last took (it swaps in each
            frame's seq before running it), or -seq of a queued frame the
            parent took back.  Both sides change it only by compare-and-
@@ -102,7 +101,6 @@ PHASE_IDLE = 0
 PHASE_DECODING = 1
 PHASE_RUNNING = 2
 PHASE_ENCODING = 3
-PHASE_STARTING = 4
 
 # Invocation modes of run_tasks.
 MODE_MAP = 0      # fn(task)
@@ -122,7 +120,6 @@ cdef enum:
     _OFF_STARTED = 344
     _OFF_FRAME_SEQ = 352
     _OFF_SPILL_ACK = 360
-    _OFF_DONE = 368
     _OFF_CLAIM = 376
 
 
@@ -248,11 +245,6 @@ cdef class SharedRegion:
     def max_payload(self):
         """Largest payload one frame may carry in this segment's rings."""
         return self.ring_bytes - _FRAME_HEADER_BYTES
-
-    def free_bytes(self, int slot, int ring):
-        cdef uint64_t tail = self._word(slot, self._tail_off(ring))[0]
-        cdef uint64_t head = pm_load_acquire(self._word(slot, self._head_off(ring)))
-        return self.ring_bytes - (tail - head)
 
     def push(self, int slot, int ring, uint32_t kind, uint64_t seq, parts):
         """Append one frame made of the concatenated buffers in parts.
@@ -394,16 +386,10 @@ cdef class SharedRegion:
         cdef volatile int64_t *table = <volatile int64_t *>(self.base + _CANCEL_OFFSET)
         return pm_load_i64(&table[call_id % _CANCEL_SLOTS]) == call_id
 
-    def is_cancelled(self, int64_t call_id):
-        return self._cancelled(call_id)
-
     # -- control block fields ------------------------------------------------
 
     def set_pid(self, int slot, int64_t pid):
         pm_store_i64(self._i64(slot, _OFF_PID), pid)
-
-    def pid(self, int slot):
-        return pm_load_i64(self._i64(slot, _OFF_PID))
 
     def set_phase(self, int slot, int64_t phase, int64_t frame_seq):
         pm_store_i64(self._i64(slot, _OFF_FRAME_SEQ), frame_seq)
@@ -432,9 +418,6 @@ cdef class SharedRegion:
         worker is still on running_seq.  True if taken back."""
         return bool(pm_cas_i64(self._i64(slot, _OFF_CLAIM), running_seq, -seq))
 
-    def tasks_done(self, int slot):
-        return pm_load_i64(self._i64(slot, _OFF_DONE))
-
     # -- the worker's inner loop -----------------------------------------------
 
     def run_tasks(self, int slot, fn, int mode, list tasks, int64_t call_id,
@@ -457,7 +440,6 @@ cdef class SharedRegion:
         cdef int64_t t0 = pm_monotonic_ns()
         cdef volatile int64_t *running = self._i64(slot, _OFF_RUNNING)
         cdef volatile int64_t *started = self._i64(slot, _OFF_STARTED)
-        cdef volatile int64_t *done = self._i64(slot, _OFF_DONE)
         cdef list results = [None] * n
         cdef list errors = []
         for k in range(n):
@@ -479,13 +461,11 @@ cdef class SharedRegion:
                 # SystemExit, KeyboardInterrupt and bare BaseException raised
                 # by a task are that task's failure; the worker lives on.
                 errors.append((k, exc))
-                pm_store_i64(done, done[0] + 1)
                 if stop_on_error:
                     stopped_at = k + 1 if k + 1 < n else -1
                     break
                 continue
             results[k] = result
-            pm_store_i64(done, done[0] + 1)
         pm_store_i64(running, -1)
         return results, errors, stopped_at, pm_monotonic_ns() - t0
 
@@ -528,7 +508,6 @@ def run_typed_1d(SharedRegion region, int slot, fn, source, output, int64_t call
     cdef Py_ssize_t stopped_at = -1
     cdef int64_t t0 = pm_monotonic_ns()
     cdef volatile int64_t *running = region._i64(slot, _OFF_RUNNING)
-    cdef volatile int64_t *done = region._i64(slot, _OFF_DONE)
     cdef const double[::1] src_f
     cdef const long long[::1] src_i
     cdef double[::1] out_f
@@ -560,12 +539,10 @@ def run_typed_1d(SharedRegion region, int slot, fn, source, output, int64_t call
                 out_i[k] = PyLong_AsLongLong(result)
         except BaseException as exc:
             errors.append((k, exc))
-            pm_store_i64(done, done[0] + 1)
             if stop_on_error:
                 stopped_at = k + 1 if k + 1 < n else -1
                 break
             continue
-        pm_store_i64(done, done[0] + 1)
     pm_store_i64(running, -1)
     return errors, stopped_at, pm_monotonic_ns() - t0
 

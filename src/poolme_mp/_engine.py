@@ -98,7 +98,6 @@ class Frame:
     indices: Any
     tasks: list[Any]
     attempts: list[int] | None
-    isolated: bool
     spill: _codec.Spill | None
     typed: bool = False
     arena_region: tuple[int, int] | None = None
@@ -219,7 +218,6 @@ class Engine:
         self.rate_wait_until = 0.0
         self.thread = threading.Thread(target=self._run, name="poolme-engine", daemon=True)
         self.stopped = threading.Event()
-        self.hook_failures: list[BaseException] = []
 
     # == API side (any thread) ==================================================
 
@@ -492,11 +490,11 @@ class Engine:
             worker_pid=handle.pid, exitcode=exitcode)
         failure: TaskError = error
         if "pickling" in stage:
-            failure = self._as_serialization_error(error, stage, exitcode)
+            failure = self._as_serialization_error(error, stage)
         self._task_failed(call, frame, offset, failure, failure)
 
     @staticmethod
-    def _as_serialization_error(error: WorkerCrashedError, stage: str, exitcode: int | None) -> TaskError:
+    def _as_serialization_error(error: WorkerCrashedError, stage: str) -> TaskError:
         direction = "task" if "argument" in stage else "result"
         crashed = TaskSerializationError(
             str(error.args[0]), direction=direction, index=error.index, key=error.key,
@@ -569,7 +567,6 @@ class Engine:
             self.start_failure = _rebuild_exception(pickle.loads(payload))
         elif kind == proto.HOOK_FAILED:
             failure = _rebuild_exception(pickle.loads(payload))
-            self.hook_failures.append(failure)
             _log.error("on_worker_stop raised in worker pid %s: %r", handle.pid, failure)
 
     def _on_results(self, handle: WorkerHandle, seq: int, payload: Any) -> None:
@@ -1075,7 +1072,7 @@ class Engine:
             if not call.future.set_running_or_notify_cancel():
                 self._abort_call(call, None)
                 return True
-        frame = Frame(self.seq + 1, call, indices, tasks, attempts, isolated, None)
+        frame = Frame(self.seq + 1, call, indices, tasks, attempts, None)
         if call.typed_output:
             out = call.sink.out  # type: ignore[attr-defined]
             if out is None:

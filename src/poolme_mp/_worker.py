@@ -135,7 +135,6 @@ class Worker:
         self.functions: OrderedDict[int, Any] = OrderedDict()
         # Result spills waiting for the parent to map them: (seq, spill).
         self.unacked_spills: deque[tuple[int, _codec.Spill]] = deque()
-        self.tasks_done = 0
         # The claim word's value as this worker last left it.
         self.claimed = 0
 
