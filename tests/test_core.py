@@ -295,6 +295,93 @@ def test_results_of_many_types(pool):
     assert by_kind["point"].norm1() == 7
 
 
+class Flag(int):
+    """An int subclass: must come back as itself, not as a plain int."""
+
+
+def number_batch(kind):
+    """Lists that sit on the edge of the packed-numbers encoding."""
+    batches = {
+        "ints": [0, -1, 1, 2**31, -(2**31) - 1, 2**63 - 1, -(2**63), 10**12],
+        "floats": [0.0, -0.0, 1.5, -2.25e300, 5e-324, float("inf"), float("-inf")],
+        "huge_int": [1, 2, 2**63],
+        "negative_huge": [1, -(2**63) - 1],
+        "bool_among_ints": [1, True, 0],
+        "int_then_float": [1, 2.0],
+        "float_then_int": [2.0, 1],
+        "int_subclass": [1, Flag(2)],
+        "bools": [True, False],
+    }
+    return batches[kind]
+
+
+NUMBER_BATCHES = ["ints", "floats", "huge_int", "negative_huge", "bool_among_ints",
+                  "int_then_float", "float_then_int", "int_subclass", "bools"]
+
+
+@pytest.mark.parametrize("kind", NUMBER_BATCHES)
+def test_numbers_keep_their_exact_types_and_values(fork_pool, kind):
+    """Lists of numbers travel packed when they can; types and values never change.
+
+    Each batch goes out as tasks (identity) and comes back as results, in
+    one frame and spread over several.
+    """
+    batch = number_batch(kind)
+    for tasks in (batch, batch * 3000):
+        got = fork_pool.process(identity, tasks, timeout=T)
+        assert got == tasks, kind
+        assert [type(value) for value in got] == [type(value) for value in tasks], kind
+        assert [repr(value) for value in got] == [repr(value) for value in tasks], kind
+
+
+def test_nan_results_come_back_as_nan(fork_pool):
+    """NaN (which equals nothing) survives the packed float encoding."""
+    import math
+
+    got = fork_pool.process(lambda x: float("nan") if x % 2 else x / 2, range(1000), timeout=T)
+    assert all(math.isnan(v) for v in got[1::2])
+    assert got[0::2] == [x / 2 for x in range(0, 1000, 2)]
+
+
+@pytest.mark.parametrize("tasks", [range(0, 50_000, 7), range(10, -10, -3), range(5, 6),
+                                   range(-(2**40), -(2**40) + 3000)],
+                         ids=["step", "negative_step", "one", "large_values"])
+def test_range_input_is_sent_in_slices(pool, tasks):
+    """A range input arrives task by task as the same ints, whatever its step."""
+    assert pool.process(identity, tasks, timeout=T) == list(tasks)
+    assert list(pool.process_stream(square, tasks, timeout=T)) == [x * x for x in tasks]
+
+
+def fail_first_time_per_worker(x):
+    """Fails on x % 31 == 0 the first time this worker sees x; x % 97 == 0 always."""
+    from poolme_mp import worker_state
+
+    if x % 97 == 0:
+        raise ValueError(x)
+    seen = worker_state.setdefault("seen", set())
+    if x % 31 == 0 and x not in seen:
+        seen.add(x)
+        raise KeyError(x)
+    return x
+
+
+def test_range_input_with_retries_and_failures(fork_pool):
+    """Tasks of a range input are retried and reported by their own index.
+
+    With two workers a task fails at most twice before it succeeds, so
+    three attempts always suffice for the KeyError tasks.
+    """
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.001, retry_on=(KeyError,))
+    got = fork_pool.process(fail_first_time_per_worker, range(3000), retry=policy,
+                            return_exceptions=True, timeout=T)
+    for x, value in zip(range(3000), got, strict=True):
+        if x % 97 == 0:
+            assert isinstance(value, TaskError) and value.index == x
+            assert isinstance(value.__cause__, ValueError)
+        else:
+            assert value == x
+
+
 def test_large_arguments_and_results_round_trip(pool):
     """Arguments and results of several MiB (out of band) arrive intact and in order."""
     blobs = [bytes([i]) * (1 << 20) + bytes(range(256)) * i for i in range(6)]

@@ -67,8 +67,10 @@ class Call:
         self.future = future
         # Where tasks come from: a sequence is sliced (fast), anything else
         # is read lazily through an iterator.
+        # A range is sliced into ranges, which travel as three numbers.
         self.sequence: Sequence[Any] | None = (
-            tasks if isinstance(tasks, (list, tuple)) or hasattr(tasks, "row_blocks") else None)
+            tasks if isinstance(tasks, (list, tuple, range)) or hasattr(tasks, "row_blocks")
+            else None)
         self.iterator: Iterator[Any] | None = None if self.sequence is not None else iter(tasks)
         self.length = length
         self.next_index = 0
@@ -104,10 +106,16 @@ class Call:
         return not self.exhausted and self.flow_open()
 
     def flow_open(self) -> bool:
-        """Streams stop reading input while buffer_size tasks are out."""
+        """Streams stop reading input while buffer_size tasks are out.
+
+        Reading starts again only once a quarter of the buffer is free:
+        resuming at the first free place would send frames as small as the
+        chunks the consumer takes, and round trips would dominate.
+        """
         if self.flow_limit is None:
             return True
-        return self.next_index - self.sink.consumed < self.flow_limit
+        room = self.flow_limit - (self.next_index - self.sink.consumed)
+        return room >= max(1, self.flow_limit // 4)
 
     def flow_room(self) -> int | None:
         if self.flow_limit is None:
@@ -136,7 +144,7 @@ class Call:
             chunk = self.sequence[start:start + limit]
             # A block of array rows stays one object: it travels as a
             # reference to the shared input, not row by row.
-            tasks = chunk if type(chunk) is list or hasattr(chunk, "as_tasks") else list(chunk)
+            tasks = chunk if type(chunk) in (list, range) or hasattr(chunk, "as_tasks") else list(chunk)
             if start + len(tasks) >= len(self.sequence):
                 self.exhausted = True
         else:

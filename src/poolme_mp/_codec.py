@@ -10,6 +10,9 @@ too large for a ring frame goes to the spill segment too.
 Envelope, the bytes that travel inside a ring frame:
 
     b"\\x00" + pickle                 everything inline
+    b"\\x03" + kind + values         a list of exact ints (kind b"q") or
+                                      floats (b"d") as 8-byte values, after
+                                      six bytes of padding (pack_numbers)
     b"\\x02" + ARENA_HEADER + ranges + pickle
         the out-of-band buffers are in the sender's data arena (see
         _arena): region start and length (Q, Q), buffer count (I), then
@@ -37,7 +40,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._dispatch import wrap_large_bytes
+from ._dispatch import PACKED_TAG, pack_numbers, unpack_numbers, wrap_large_bytes
 
 # Buffers at least this large travel out of band.  Below it, the copies
 # made by pickling in band cost less than a segment of their own.
@@ -227,6 +230,10 @@ def encode(obj: Any, inline_limit: int, arena: ArenaSpace | None = None,
     spill segment (or ArenaFull is raised, when not spill_ok).  Raises
     whatever pickling raises.
     """
+    if type(obj) is list:
+        packed = pack_numbers(obj, inline_limit)
+        if packed is not None:
+            return [packed], None, None
     buffers: list[pickle.PickleBuffer] = []
     main = dumps(obj, buffers)
     if not buffers and len(main) + 1 <= inline_limit:
@@ -293,6 +300,8 @@ def decode(envelope: Any, writable: bool, arena: memoryview | None = None,
     view = memoryview(envelope)
     if view[0] == 0:
         return pickle.loads(view[1:])
+    if view[0] == PACKED_TAG:
+        return unpack_numbers(view)
     if view[0] == 2:
         return _decode_from_arena(view, writable, arena, arena_buffers)
     pid, fd, size, n_buffers, main_in_spill = _SPILL_HEADER.unpack_from(view, 1)

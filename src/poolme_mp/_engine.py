@@ -96,7 +96,7 @@ class Frame:
     seq: int
     call: Call
     indices: Any
-    tasks: list[Any]
+    tasks: Any  # a list, a range, or a block of rows of a shared array
     attempts: list[int] | None
     spill: _codec.Spill | None
     typed: bool = False
@@ -256,7 +256,7 @@ class Engine:
 
     def wake(self) -> None:
         try:
-            os.eventfd_write(self.wakeup, 1)
+            _dispatch.ring_doorbell(self.wakeup)
         except OSError:
             pass  # already torn down
 
@@ -532,7 +532,7 @@ class Engine:
         if pushed:
             handle.stopping = True
             if pushed == 2:
-                os.eventfd_write(handle.doorbell, 1)
+                _dispatch.ring_doorbell(handle.doorbell)
 
     # -- collecting results -----------------------------------------------------
 
@@ -1037,7 +1037,7 @@ class Engine:
             share = math.ceil(remaining / (2 * self.options.workers))
             size = min(size, max(share, size // 8))
         if call.flow_limit is not None:
-            size = min(size, max(1, call.flow_limit // (2 * self.options.workers)))
+            size = min(size, max(1, call.flow_limit // (3 * self.options.workers)))
         if call.bytes_per_task:
             # Two frames in flight must fit in the worker's data arena.
             size = min(size, self.options.arena_bytes // (4 * call.bytes_per_task))
@@ -1101,7 +1101,7 @@ class Engine:
             return False
         self.seq = frame.seq
         if pushed == 2:
-            os.eventfd_write(handle.doorbell, 1)
+            _dispatch.ring_doorbell(handle.doorbell)
         self._remember_function(handle, call.fn_id, fn_known)
         frame.sent_ns = _dispatch.monotonic_ns()
         handle.frames.append(frame)
@@ -1138,7 +1138,7 @@ class Engine:
         Returns the envelope parts, or None when nothing is left to send.
         """
         payload: Any
-        if hasattr(frame.tasks, "as_tasks"):
+        if type(frame.tasks) is range or hasattr(frame.tasks, "as_tasks"):
             payload = frame.tasks
         else:
             payload = list(frame.tasks)
@@ -1205,10 +1205,7 @@ class Engine:
             self.region.parent_awake()
         for fd, _ in events:
             if fd == self.wakeup or fd == self.result_doorbell:
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
+                _dispatch.clear_doorbell(fd)
             else:
                 handle = self.sentinels.get(fd)
                 if handle is not None:

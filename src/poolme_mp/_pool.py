@@ -24,7 +24,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _codec, _dispatch
 from ._calls import Call, Failure, FutureSink, ListSink, StreamSink, TypedSink
@@ -496,8 +496,10 @@ class ResultStream(_dispatch.ChunkedIterator, Iterator[R]):
     def __iter__(self) -> ResultStream[R]:
         return self
 
-    def __next__(self) -> R:
-        return super().__next__()  # type: ignore[no-any-return]
+    if TYPE_CHECKING:
+        # For type checkers only: at run time the C __next__ is called
+        # directly, as a Python override would cost a call per result.
+        def __next__(self) -> R: ...
 
     async def _async_values(self) -> AsyncIterator[R]:
         import asyncio
@@ -602,7 +604,7 @@ def _flow_waker(engine: Engine, call: Call) -> Callable[[], None]:
     def wake_if_blocked() -> None:
         # The engine stops reading a stream's input while buffer_size tasks
         # are out; tell it when the consumer has made room.
-        if call.flow_limit is not None and call.next_index - call.sink.consumed < call.flow_limit:
+        if call.flow_limit is not None and call.flow_open():
             engine.wake()
     return wake_if_blocked
 

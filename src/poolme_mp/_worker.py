@@ -147,7 +147,7 @@ class Worker:
             pushed = self.region.push(self.slot, _dispatch.RESULTS, kind, seq, parts)
             if pushed:
                 if pushed == 2:
-                    os.eventfd_write(self.result_doorbell, 1)
+                    _dispatch.ring_doorbell(self.result_doorbell)
                 return
             # The parent drains result rings continuously, so a full ring
             # is brief; back off instead of adding a second doorbell.
@@ -228,7 +228,7 @@ class Worker:
             # sleeping worker rings the doorbell.
             ready, _, _ = select.select([self.doorbell], [], [], 1.0)
             if ready:
-                os.eventfd_read(self.doorbell)
+                _dispatch.clear_doorbell(self.doorbell)
         finally:
             self.region.worker_awake(self.slot)
 
@@ -266,7 +266,9 @@ class Worker:
             tasks, output = tasks
             if mode == _dispatch.MODE_MAP and self.run_typed(seq, call_id, fn, flags, tasks, output):
                 return
-        if not isinstance(tasks, list):
+        if type(tasks) is range:
+            tasks = list(tasks)
+        elif not isinstance(tasks, list):
             tasks = tasks.as_tasks()  # a block of rows of a shared array
         region.set_phase(slot, _dispatch.PHASE_RUNNING, seq)
         stop_on_error = bool(flags & proto.FLAG_STOP_ON_ERROR)
