@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -50,6 +50,19 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def check_usable(pool: Any, within: float = 10.0) -> None:
+    """A fresh call on pool answers correctly within ``within`` seconds.
+
+    Used after a call was abandoned: its tasks sleep far longer than
+    within, so an answer shows the pool did not wait for them.  within
+    allows for replaced workers to start, which under spawn means
+    importing everything again: seconds on a loaded two-core machine.
+    """
+    begin = time.monotonic()
+    assert pool.process(abs, [-x for x in range(8)], timeout=within) == list(range(8))
+    assert time.monotonic() - begin < within
 
 
 @pytest.fixture(params=START_METHODS)

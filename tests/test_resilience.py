@@ -801,3 +801,69 @@ def test_load_with_random_worker_kills() -> None:
     assert len(kills) >= 5, f"only {len(kills)} kills in {elapsed:.1f} s"
     # A kill fails at most the one task its worker was running.
     assert crashed + serialization <= len(kills)
+
+
+# --------------------------------------------------------------------------
+# Work stealing
+# --------------------------------------------------------------------------
+
+
+def _slow_head(log: str, index: int) -> tuple[int, int]:
+    """Task 0 sleeps 1.5 s, the others 0.2 ms; each logs that it ran."""
+    time.sleep(1.5 if index == 0 else 0.0002)
+    with open(log, "a") as out:
+        out.write(f"{index}\n")
+    return index, os.getpid()
+
+
+@pytest.mark.parametrize("source", ["range", "list", "generator"])
+def test_frame_queued_behind_a_slow_task_runs_elsewhere_exactly_once(
+        tmp_path: Path, source: str) -> None:
+    """Tasks queued behind a task that overruns are taken back and run by
+    the other worker, each exactly once, with results in input order.
+
+    The slow worker ends up with only its first frame (a run of indices
+    from 0): the frame queued behind it went to the other worker, and
+    the input is used up before the sleep ends.
+    """
+    import functools
+
+    log = str(tmp_path / "ran.log")
+    count = 2000
+    with WorkerPool(2, start_method="fork") as pool:
+        # Let the engine learn that this function is fast, so it queues a
+        # second frame behind the first on each worker.
+        pool.process(functools.partial(_slow_head, os.devnull), range(1, 200), timeout=30)
+        jobs: Any = {"range": range(count), "list": list(range(count)),
+                     "generator": (index for index in range(count))}[source]
+        results = pool.process(functools.partial(_slow_head, log), jobs, timeout=30)
+    assert [index for index, _ in results] == list(range(count))
+    ran = Path(log).read_text().split()
+    assert sorted(map(int, ran)) == list(range(count)), "a task ran twice or never"
+    slow_pid = results[0][1]
+    on_slow = [index for index, pid in results if pid == slow_pid]
+    assert on_slow == list(range(len(on_slow))), on_slow[:50]
+    assert len(on_slow) < count // 2
+
+
+def _slow_head_fails_at(index: int) -> int:
+    time.sleep(1.5 if index == 0 else 0.0002)
+    if index == 1500:
+        raise ValueError(index)
+    return index
+
+
+def test_ordered_stream_stops_at_a_failure_after_stolen_frames() -> None:
+    """An ordered stream whose head is slow (so frames behind it are taken
+    back) still yields every result before its first failure, then raises
+    that failure, and runs nothing the failure made moot twice."""
+    with WorkerPool(2, start_method="fork") as pool:
+        pool.process(_slow_head_fails_at, range(1, 200), timeout=30)
+        got = []
+        with pytest.raises(TaskError) as caught:
+            for value in pool.process_stream(_slow_head_fails_at, range(2000), timeout=30):
+                got.append(value)
+        assert got == list(range(1500))
+        assert caught.value.index == 1500
+        assert isinstance(caught.value.__cause__, ValueError)
+        assert pool.process(_slow_head_fails_at, range(1, 10), timeout=30) == list(range(1, 10))

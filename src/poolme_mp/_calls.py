@@ -22,8 +22,14 @@ from ._policies import RetryPolicy
 
 # A task waiting to be (re)sent: (index, task, attempts so far, isolated).
 # Isolated tasks travel alone in a frame, so that a crash or an encoding
-# failure can be pinned on exactly one task.
-PendingTask = tuple[int, Any, int, bool]
+# failure can be pinned on exactly one task.  A block of fresh tasks taken
+# back from a worker waits whole, as (range of indices, sequence of tasks,
+# 0, False), so that it is sent again as cheaply as it was the first time.
+PendingTask = tuple[Any, Any, int, bool]
+
+
+def is_block(item: PendingTask) -> bool:
+    return type(item[0]) is range
 
 _call_ids = itertools.count(1)
 
@@ -160,22 +166,47 @@ class Call:
 
     def _take_pending(self, limit: int) -> tuple[Any, Any, list[int] | None, bool]:
         first = self.pending[0]
+        if is_block(first):
+            return self._take_block(limit)
         if first[3]:
             self.pending.popleft()
             return [first[0]], [first[1]], [first[2]], True
         indices: list[int] = []
         tasks: list[Any] = []
         attempts: list[int] = []
-        while self.pending and len(tasks) < limit and not self.pending[0][3]:
+        while (self.pending and len(tasks) < limit and not self.pending[0][3]
+               and not is_block(self.pending[0])):
             index, task, tries, _ = self.pending.popleft()
             indices.append(index)
             tasks.append(task)
             attempts.append(tries)
         return indices, tasks, attempts, False
 
+    def _take_block(self, limit: int) -> tuple[range, Any, None, bool]:
+        block_indices, block_tasks, _, _ = self.pending.popleft()
+        if len(block_tasks) > limit:
+            rest = (block_indices[limit:], slice_tasks(block_tasks, limit, None), 0, False)
+            self.pending.appendleft(rest)
+            return block_indices[:limit], slice_tasks(block_tasks, 0, limit), None, False
+        return block_indices, block_tasks, None, False
+
     def requeue(self, items: list[PendingTask]) -> None:
         """Put tasks back at the front, in their original order."""
         self.pending.extendleft(reversed(items))
+
+    def drop_pending_from(self, index: int) -> None:
+        """Forget waiting tasks at index and after (blocks are cut short)."""
+        kept: deque[PendingTask] = deque()
+        for item in self.pending:
+            if not is_block(item):
+                if item[0] < index:
+                    kept.append(item)
+                continue
+            indices = item[0]
+            keep = len(range(indices.start, min(indices.stop, index)))
+            if keep:
+                kept.append((indices[:keep], slice_tasks(item[1], 0, keep), 0, False))
+        self.pending = kept
 
     def finished(self) -> bool:
         return self.exhausted and not self.pending and self.in_flight == 0 and self.delayed == 0
@@ -467,3 +498,10 @@ class FutureSink(Sink):
             self.future.set_running_or_notify_cancel()
         except RuntimeError:
             pass  # already notified
+
+
+def slice_tasks(tasks: Any, start: int, stop: int | None) -> Any:
+    """tasks[start:stop] for a list, a range or a block of array rows."""
+    if hasattr(tasks, "as_tasks"):
+        return type(tasks)(tasks.rows[start:stop])
+    return tasks[start:stop]

@@ -35,7 +35,7 @@ import cloudpickle
 
 from . import _arena, _codec, _dispatch
 from . import _protocol as proto
-from ._calls import Call, PendingTask
+from ._calls import Call, PendingTask, slice_tasks
 from ._errors import (
     BrokenPoolError,
     CallbackError,
@@ -108,6 +108,13 @@ class Frame:
         for spill in (self.spill, self.fn_spill):
             if spill is not None:
                 spill.close()
+
+    def pending_from(self, start: int = 0) -> list[PendingTask]:
+        """The frame's tasks from offset start on, to be sent again: as one
+        block when they are fresh tasks with consecutive indices."""
+        if self.attempts is None and type(self.indices) is range:
+            return [(self.indices[start:], slice_tasks(self.tasks, start, None), 0, False)]
+        return self.pending(range(start, len(self.tasks)))
 
     def pending(self, offsets: Any, isolated: bool = False) -> list[PendingTask]:
         attempts = self.attempts
@@ -446,7 +453,7 @@ class Engine:
             started = position == 0 and seq == frame.seq and phase in (
                 _dispatch.PHASE_DECODING, _dispatch.PHASE_RUNNING, _dispatch.PHASE_ENCODING)
             if not started:
-                self._requeue(call, frame.pending(range(len(frame.tasks))))
+                self._requeue(call, frame.pending_from())
             elif phase == _dispatch.PHASE_RUNNING and 0 <= offset < len(frame.tasks):
                 self._blame_task(handle, frame, offset, exitcode)
             elif len(frame.tasks) > 1:
@@ -799,7 +806,7 @@ class Engine:
         if call.fail_index is None or index < call.fail_index:
             call.fail_index = index
         call.exhausted = True
-        call.pending = deque(item for item in call.pending if item[0] < call.fail_index)
+        call.drop_pending_from(call.fail_index)
         call.sink.fail(index, error)
 
     def _release_retries(self) -> None:
@@ -954,7 +961,7 @@ class Engine:
         call = frame.call
         call.in_flight -= len(frame.tasks)
         if not call.done:
-            self._requeue(call, frame.pending(range(len(frame.tasks))))
+            self._requeue(call, frame.pending_from())
 
     def _dispatch(self) -> None:
         self._take_back_stuck_frames()
@@ -1097,7 +1104,8 @@ class Engine:
         if not pushed:
             frame.close_spills()
             self.arenas[handle.slot].release(frame.arena_region)
-            call.requeue(frame.pending(range(len(frame.tasks)), isolated))
+            call.requeue(frame.pending(range(len(frame.tasks)), True) if isolated
+                         else frame.pending_from())
             return False
         self.seq = frame.seq
         if pushed == 2:
@@ -1184,9 +1192,9 @@ class Engine:
 
     def _shrink_and_encode(self, handle: WorkerHandle, frame: Frame) -> list[Any] | None:
         keep = len(frame.tasks) // 2
-        frame.call.requeue(frame.pending(range(keep, len(frame.tasks))))
+        frame.call.requeue(frame.pending_from(keep))
         frame.indices = frame.indices[:keep]
-        frame.tasks = frame.tasks[:keep] if not hasattr(frame.tasks, "as_tasks") else _take_rows(frame.tasks, keep)
+        frame.tasks = slice_tasks(frame.tasks, 0, keep)
         if frame.attempts is not None:
             frame.attempts = frame.attempts[:keep]
         self._make_ready(frame.call)
@@ -1252,10 +1260,6 @@ def _load(handle: WorkerHandle) -> tuple[int, int]:
     if not handle.frames:
         return (0, 0)
     return (len(handle.frames), -handle.frames[0].sent_ns)
-
-
-def _take_rows(block: Any, count: int) -> Any:
-    return type(block)(block.rows[:count])
 
 
 def _internal_error(stage: str, exc: BaseException) -> TaskError:
