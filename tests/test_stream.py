@@ -163,10 +163,10 @@ def test_infinite_input_is_read_lazily(start_method: str) -> None:
     handed to the consumer.
 
     Slack: the consumer takes results a frame at a time, and a frame of a
-    stream holds at most buffer_size // (2 * workers) = 16 tasks, so up to
-    16 results may be taken from the pool before we see them.
+    stream holds at most buffer_size // (3 * workers) = 10 tasks, so up to
+    10 results may be taken from the pool before we see them.
     """
-    buffer_size, slack = 64, 64 // (2 * 2)
+    buffer_size, slack = 64, 64 // (3 * 2)
     source = CountingSource()
     with WorkerPool(2, start_method=start_method) as pool:
         pool.start()
@@ -396,3 +396,24 @@ def test_stream_is_an_iterator_of_results() -> None:
             next(stream)
         with pytest.raises(StopIteration):
             next(stream)
+
+
+def test_stream_type_works_as_a_typed_weakrefable_context_manager() -> None:
+    """ResultStream is subscriptable at run time (ResultStream[int]), is a
+    collections.abc.Iterator, supports weak references, and closes when its
+    with block ends."""
+    import collections.abc
+    import weakref
+
+    from poolme_mp import ResultStream
+
+    assert ResultStream[int].__origin__ is ResultStream
+    with WorkerPool(2, start_method="fork") as pool:
+        with pool.process_stream(square, range(100_000)) as stream:
+            assert isinstance(stream, collections.abc.Iterator)
+            assert isinstance(stream, ResultStream)
+            ref = weakref.ref(stream)
+            assert next(stream) == 0
+        assert list(stream) == []  # closed: nothing more
+        assert ref() is stream
+        assert pool.process(square, range(5), timeout=30) == [0, 1, 4, 9, 16]

@@ -18,6 +18,7 @@ except ImportError as exc:
 
 from typing import TYPE_CHECKING
 
+from ._dispatch import ResultStream
 from ._errors import (
     BrokenPoolError,
     CallbackError,
@@ -33,7 +34,7 @@ from ._errors import (
     WorkerCrashedError,
 )
 from ._policies import RateLimiter, RetryPolicy, TokenBucket
-from ._pool import ResultStream, UnpicklableFunctionError, WorkerPool
+from ._pool import UnpicklableFunctionError, WorkerPool
 from ._state import WorkerState, worker_state
 
 if TYPE_CHECKING:

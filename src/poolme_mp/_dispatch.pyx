@@ -54,6 +54,8 @@ ever taken: a worker that dies holds nothing, and the parent knows from
 the head/tail pair exactly which frames it had not yet taken.
 """
 
+from types import GenericAlias
+
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strerror
 from cpython.float cimport PyFloat_AS_DOUBLE
@@ -662,14 +664,19 @@ def typed_1d_supported(source, output):
         return False
 
 
-cdef class ChunkedIterator:
-    """Iterates over items that arrive in chunks (lists), at C speed.
+cdef class ResultStream:
+    """The iterator returned by process_stream and map.
 
-    fetch() returns the next chunk, or None at the end.  An item whose
-    type is marker_type is passed to on_marker(item), which returns
-    (keep, value) or raises; other items are returned as they are.  The
-    stream of process_stream is built on this so that a for loop costs
-    an index and a type check per result, not a Python call.
+    Results arrive in chunks (one per frame) and are handed out here at C
+    speed: a for loop costs an index and a type check per result, not a
+    Python call.  (It is a complete class rather than a base for a Python
+    subclass because a subclass would make every next() a method lookup.)
+    close(), leaving a with block, or dropping the stream stops reading
+    input and drops the work in flight.
+
+    fetch() returns the next chunk, or None at the end.  An item whose type
+    is marker_type (a failed task) is passed to on_marker(item), which
+    returns (keep, value) or raises.  on_close() stops the work.
     """
 
     cdef list _chunk
@@ -677,15 +684,22 @@ cdef class ChunkedIterator:
     cdef object _fetch
     cdef object _marker_type
     cdef object _on_marker
+    cdef object _on_close
     cdef bint _done
+    cdef readonly object _reader
+    cdef object __weakref__
 
-    def __init__(self, fetch, marker_type, on_marker):
+    __class_getitem__ = classmethod(GenericAlias)
+
+    def __init__(self, fetch, marker_type, on_marker, on_close, reader=None):
         self._chunk = []
         self._position = 0
         self._fetch = fetch
         self._marker_type = marker_type
         self._on_marker = on_marker
+        self._on_close = on_close
         self._done = False
+        self._reader = reader
 
     def __iter__(self):
         return self
@@ -711,8 +725,22 @@ cdef class ChunkedIterator:
             self._chunk = chunk
             self._position = 0
 
-    def drop_remaining(self):
-        """End the iteration now, discarding items not yet handed out."""
+    def close(self):
+        """Stop the stream: read no more input, drop work in flight."""
         self._chunk = []
         self._position = 0
         self._done = True
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -24,10 +24,11 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _codec, _dispatch
 from ._calls import Call, Failure, FutureSink, ListSink, StreamSink, TypedSink
+from ._dispatch import ResultStream
 from ._engine import Engine, EngineOptions, terminate_all
 from ._errors import (
     CallCancelledError,
@@ -417,7 +418,7 @@ class WorkerPool(concurrent.futures.Executor):
                           flow_limit=limit)
         sink.on_consumed = _flow_waker(engine, call)
         engine.submit(call)
-        return ResultStream(engine, call, sink)
+        return _open_stream(engine, call, sink)
 
     def submit(self, fn: Callable[P, R], /, *args: P.args,
                **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
@@ -452,7 +453,7 @@ class WorkerPool(concurrent.futures.Executor):
                           drain_on_close=True)
         sink.on_consumed = _flow_waker(engine, call)
         engine.submit(call)
-        return ResultStream(engine, call, sink)
+        return _open_stream(engine, call, sink)
 
     # -- asyncio -------------------------------------------------------------
 
@@ -476,66 +477,34 @@ class WorkerPool(concurrent.futures.Executor):
                               **options: Any) -> AsyncIterator[R]:
         """process_stream() for asyncio: ``async for result in ...``."""
         stream = self.process_stream(fn, tasks, **options)
-        async for value in stream._async_values():
+        async for value in _async_values(stream._reader):
             yield value
 
 
-class ResultStream(_dispatch.ChunkedIterator, Iterator[R]):
-    """The iterator returned by process_stream and map.
+def _open_stream(engine: Engine, call: Call, sink: StreamSink) -> ResultStream[Any]:
+    reader = _StreamReader(engine, call, sink)
+    return ResultStream(reader.next_chunk_or_end, Failure, reader.on_failure, reader.stop, reader)
 
-    Results arrive in chunks (one per frame) and are handed out by a C
-    iterator, so a for loop over a stream costs little per result.
-    close() (or dropping the stream) stops reading input and drops the
-    work in flight.
-    """
 
-    def __init__(self, engine: Engine, call: Call, sink: StreamSink) -> None:
-        self._reader = _StreamReader(engine, call, sink)
-        super().__init__(self._reader.next_chunk_or_end, Failure, self._reader.on_failure)
+async def _async_values(reader: _StreamReader) -> AsyncIterator[Any]:
+    """A stream's results for ``async for``: chunks are awaited in a
+    thread, so the event loop never blocks."""
+    import asyncio
 
-    def __iter__(self) -> ResultStream[R]:
-        return self
-
-    if TYPE_CHECKING:
-        # For type checkers only: at run time the C __next__ is called
-        # directly, as a Python override would cost a call per result.
-        def __next__(self) -> R: ...
-
-    async def _async_values(self) -> AsyncIterator[R]:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        reader = self._reader
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, reader.next_chunk_or_end)
-                if chunk is None:
-                    return
-                for value in chunk:
-                    if type(value) is Failure:
-                        keep, value = reader.on_failure(value)
-                        if not keep:
-                            continue
-                    yield value
-        finally:
-            reader.stop()
-
-    def close(self) -> None:
-        """Stop the stream: read no more input, drop work in flight."""
-        self.drop_remaining()
-        self._reader.stop()
-
-    def __enter__(self) -> ResultStream[R]:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            chunk = await loop.run_in_executor(None, reader.next_chunk_or_end)
+            if chunk is None:
+                return
+            for value in chunk:
+                if type(value) is Failure:
+                    keep, value = reader.on_failure(value)
+                    if not keep:
+                        continue
+                yield value
+    finally:
+        reader.stop()
 
 
 class _StreamReader:
