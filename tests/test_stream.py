@@ -417,3 +417,56 @@ def test_stream_type_works_as_a_typed_weakrefable_context_manager() -> None:
         assert list(stream) == []  # closed: nothing more
         assert ref() is stream
         assert pool.process(square, range(5), timeout=30) == [0, 1, 4, 9, 16]
+
+
+def test_stream_over_a_range_longer_than_sys_maxsize() -> None:
+    """A range whose len() overflows is streamed lazily like any iterable."""
+    with WorkerPool(2, start_method="fork") as pool:
+        first = list(itertools.islice(pool.process_stream(square, range(2**64)), 3))
+        assert first == [0, 1, 4]
+        down = list(itertools.islice(pool.process_stream(square, range(2**64, 0, -1)), 2))
+        assert down == [2**128, (2**64 - 1) ** 2]
+
+
+def _rows_then_failure(count: int):
+    yield from range(count)
+    raise OSError(f"read failed after row {count - 1}")
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+@pytest.mark.parametrize("return_exceptions", [False, True], ids=["raise", "return_exceptions"])
+@pytest.mark.parametrize("buffer_size", [3, 1000])
+def test_input_that_raises_delivers_every_earlier_result_then_the_error(
+        ordered: bool, return_exceptions: bool, buffer_size: int) -> None:
+    """As with serial map(): every task read before the input failed yields
+    its result, then the stream raises a TaskError whose cause is the
+    input's exception and whose index is where the input broke."""
+    with WorkerPool(2, start_method="fork") as pool:
+        got = []
+        with pytest.raises(TaskError) as caught:
+            for value in pool.process_stream(square, _rows_then_failure(100), ordered=ordered,
+                                             return_exceptions=return_exceptions,
+                                             buffer_size=buffer_size, timeout=30):
+                got.append(value)
+        assert sorted(got) == [x * x for x in range(100)]
+        if ordered:
+            assert got == [x * x for x in range(100)]
+        assert isinstance(caught.value.__cause__, OSError)
+        assert caught.value.index == 100
+        assert "reading the input raised OSError" in str(caught.value)
+        assert pool.process(square, range(4), timeout=30) == [0, 1, 4, 9]
+
+
+def test_input_that_raises_fails_process_and_map_with_its_error() -> None:
+    """process() raises the input's failure; map() yields the results read
+    before it, then raises it."""
+    with WorkerPool(2, start_method="fork") as pool:
+        with pytest.raises(TaskError) as caught:
+            pool.process(square, _rows_then_failure(50), timeout=30)
+        assert isinstance(caught.value.__cause__, OSError) and caught.value.index == 50
+        got = []
+        with pytest.raises(TaskError) as caught:
+            for value in pool.map(square, _rows_then_failure(50), timeout=30):
+                got.append(value)
+        assert got == [x * x for x in range(50)]
+        assert isinstance(caught.value.__cause__, OSError)

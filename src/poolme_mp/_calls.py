@@ -74,13 +74,14 @@ class Call:
         # Where tasks come from: a sequence is sliced (fast), anything else
         # is read lazily through an iterator.
         # A range is sliced into ranges, which travel as three numbers.
-        self.sequence: Sequence[Any] | None = (
-            tasks if isinstance(tasks, (list, tuple, range)) or hasattr(tasks, "row_blocks")
-            else None)
+        self.sequence: Sequence[Any] | None = tasks if _sliceable(tasks) else None
         self.iterator: Iterator[Any] | None = None if self.sequence is not None else iter(tasks)
         self.length = length
         self.next_index = 0
         self.exhausted = self.sequence is not None and len(self.sequence) == 0
+        # What reading the input raised: the call fails with it once the
+        # tasks read before it have run.
+        self.input_error: TaskError | None = None
         self.future_started = False
         self.pending: deque[PendingTask] = deque()
         self.in_flight = 0
@@ -155,7 +156,14 @@ class Call:
                 self.exhausted = True
         else:
             assert self.iterator is not None
-            tasks = list(itertools.islice(self.iterator, limit))
+            tasks = []
+            try:
+                # extend() keeps the items read before a failure, so that
+                # their tasks still run and deliver.
+                tasks.extend(itertools.islice(self.iterator, limit))
+            except BaseException as exc:  # noqa: BLE001 - reported as the call's failure
+                self.input_error = self._input_failure(start + len(tasks), exc)
+                self.exhausted = True
             if len(tasks) < limit:
                 self.exhausted = True
         self.next_index = start + len(tasks)
@@ -163,6 +171,13 @@ class Call:
             self.length = self.next_index
             self.sink.set_length(self.next_index)
         return range(start, self.next_index), tasks, None, False
+
+    @staticmethod
+    def _input_failure(index: int, exc: BaseException) -> TaskError:
+        error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
+                          f"(after {index} tasks had been read)", index=index)
+        error.__cause__ = exc
+        return error
 
     def _take_pending(self, limit: int) -> tuple[Any, Any, list[int] | None, bool]:
         first = self.pending[0]
@@ -365,6 +380,10 @@ class TypedSink(ListSink):
             raise self.failure
         import numpy as np
 
+        if self.out is None:
+            # No task ran, so no result showed the shape of one: an empty
+            # input gives an empty 1-D array.
+            self.out = np.empty(0, dtype=self.dtype)
         # A plain ndarray view: it keeps the shared memory alive as long as
         # it is referenced, like any array keeps its buffer.
         result = np.asarray(self.out).view(np.ndarray)
@@ -498,6 +517,18 @@ class FutureSink(Sink):
             self.future.set_running_or_notify_cancel()
         except RuntimeError:
             pass  # already notified
+
+
+def _sliceable(tasks: Any) -> bool:
+    if isinstance(tasks, range):
+        # len() of a range longer than sys.maxsize overflows: such a range
+        # is read as an iterator instead.
+        try:
+            len(tasks)
+        except OverflowError:
+            return False
+        return True
+    return isinstance(tasks, (list, tuple)) or hasattr(tasks, "row_blocks")
 
 
 def slice_tasks(tasks: Any, start: int, stop: int | None) -> Any:

@@ -844,7 +844,7 @@ class Engine:
         if not call.done and call.finished():
             call.done = True
             self.active.pop(call.id, None)
-            call.sink.finish(None)
+            call.sink.finish(call.input_error)
 
     def _fail_all(self, failure: BaseException) -> None:
         for call in list(self.active.values()):
@@ -1054,13 +1054,7 @@ class Engine:
         return max(1, min(size, MAX_BATCH))
 
     def _send_frame(self, handle: WorkerHandle, call: Call) -> bool:
-        try:
-            indices, tasks, attempts, isolated = call.take(self._batch_size(call, handle))
-        except Exception as exc:
-            error = TaskError(f"reading the input raised {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            self._abort_call(call, error)
-            return True
+        indices, tasks, attempts, isolated = call.take(self._batch_size(call, handle))
         if not tasks:
             self._finish_if_done(call)
             return True

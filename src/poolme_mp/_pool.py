@@ -619,7 +619,7 @@ def _length_of(tasks: Any) -> int | None:
         return None
     try:
         return len(tasks)
-    except TypeError:
+    except (TypeError, OverflowError):  # no length, or one past sys.maxsize
         return None
 
 
