@@ -735,3 +735,52 @@ def test_remote_error_fields():
     error = RemoteError("pkg.Err", "went wrong", "tb text")
     assert (error.type_name, error.message, error.remote_traceback) == ("pkg.Err", "went wrong", "tb text")
     assert str(error) == "pkg.Err: went wrong"
+
+
+# --------------------------------------------------------------------------
+# Errors too large for a ring frame
+# --------------------------------------------------------------------------
+
+
+def raise_huge(x):
+    raise ValueError(f"{x}:" + "x" * 2_000_000)
+
+
+def raise_on_odd(x):
+    if x % 2:
+        raise KeyError(str(x) * 1000)
+    return x
+
+
+def test_exception_with_a_huge_message_arrives_whole(fork_pool_one):
+    """An exception whose message is larger than the ring is the task's own
+    failure, message intact, not a crash of its worker."""
+    with pytest.raises(TaskError) as caught:
+        fork_pool_one.process(raise_huge, [7], timeout=T)
+    cause = caught.value.__cause__
+    assert type(cause) is ValueError
+    assert str(cause) == "7:" + "x" * 2_000_000
+    assert caught.value.index == 0
+    assert fork_pool_one.process(abs, [-3], timeout=T) == [3]
+
+
+def test_many_large_errors_through_a_small_ring():
+    """Thousands of failures with kilobyte messages through a 64 KiB ring
+    come back as task errors, each with its own message, and no worker dies."""
+    with WorkerPool(2, start_method="fork", ring_size=65536) as pool:
+        pids = set(pool.process(lambda _: os.getpid(), range(50), timeout=T))
+        results = pool.process(raise_on_odd, range(6000), return_exceptions=True, timeout=60)
+        assert set(pool.process(lambda _: os.getpid(), range(50), timeout=T)) <= pids
+    for x, value in enumerate(results):
+        if x % 2:
+            assert isinstance(value, TaskError) and value.index == x
+            assert type(value.__cause__) is KeyError
+            assert value.__cause__.args == (str(x) * 1000,)
+        else:
+            assert value == x
+
+
+@pytest.fixture
+def fork_pool_one():
+    with WorkerPool(1, start_method="fork") as pool:
+        yield pool

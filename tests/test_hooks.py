@@ -361,3 +361,18 @@ def test_progress_bar_of_unsized_input_ends_at_the_count() -> None:
     states = final_counts(stderr.getvalue())
     assert states, stderr.getvalue()
     assert states[-1] == (25, 25)
+
+
+def fail_to_start_loudly() -> None:
+    raise RuntimeError("setup-" + "y" * 3_000_000 + "-failed")
+
+
+def test_on_worker_start_failure_with_a_huge_message_still_breaks_the_pool() -> None:
+    """A start hook whose error is larger than the ring is still reported:
+    BrokenPoolError with the message's start and end, cut in the middle."""
+    with WorkerPool(1, start_method="fork", on_worker_start=fail_to_start_loudly) as pool:
+        with pytest.raises(BrokenPoolError) as info:
+            pool.process(square, [1], timeout=WAIT)
+    text = str(info.value)
+    assert "RuntimeError" in text and "setup-yyy" in text and "yyy-failed" in text
+    assert "characters cut" in text

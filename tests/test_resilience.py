@@ -867,3 +867,27 @@ def test_ordered_stream_stops_at_a_failure_after_stolen_frames() -> None:
         assert caught.value.index == 1500
         assert isinstance(caught.value.__cause__, ValueError)
         assert pool.process(_slow_head_fails_at, range(1, 10), timeout=30) == list(range(1, 10))
+
+
+def _log_huge(x: int) -> int:
+    logging.getLogger("poolme_test.task").warning("start-" + "z" * 3_000_000 + "-end")
+    return x
+
+
+def test_huge_log_record_is_cut_short_not_fatal() -> None:
+    """A log record larger than the ring reaches the parent cut short, with
+    its start, its end and a note of the cut; the task's result is kept."""
+    handler = _ListHandler()
+    logger = logging.getLogger("poolme_test.task")
+    logger.addHandler(handler)
+    try:
+        with WorkerPool(1, start_method="fork") as pool:
+            assert pool.process(_log_huge, [1, 2], timeout=CALL_TIMEOUT) == [1, 2]
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.records) == 2
+    for record in handler.records:
+        message = record.getMessage()
+        assert message.startswith("start-zzz") and message.endswith("zzz-end")
+        assert "characters cut" in message
+        assert len(message) < 3_000_000

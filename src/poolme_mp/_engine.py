@@ -594,7 +594,7 @@ class Engine:
         call.in_flight -= n
         _, elapsed, stopped_at, status, envelope_len = proto.RESULT_HEADER.unpack_from(payload, 0)
         start = proto.RESULT_HEADER.size
-        records, pinned, unpinned = pickle.loads(payload[start + envelope_len:])
+        records, pinned, unpinned = _codec.decode(payload[start + envelope_len:], True)
         self._track_pins(arenas, frame, pinned, unpinned)
         if call.done:
             self.region.set_spill_ack(handle.slot, seq)

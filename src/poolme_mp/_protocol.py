@@ -11,7 +11,8 @@ Result ring (worker to parent):
     READY         the worker finished on_worker_start; payload: pid (q)
     START_FAILED  on_worker_start raised; payload: an error record
     RESULTS       RESULT_HEADER, the results envelope (results_len bytes),
-                  then the pickled list of error records
+                  then the error records (a list), pinned and unpinned arena
+                  offsets, as an envelope (see _codec)
     LOG           a pickled logging record dictionary
     HOOK_FAILED   on_worker_stop raised; payload: an error record
 

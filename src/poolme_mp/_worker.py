@@ -70,6 +70,14 @@ class WorkerConfig:
     log_levels: dict[str, int] = field(default_factory=dict)
 
 
+def cut_text(text: str, limit: int) -> str:
+    """text, or its start and end around a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    half = max(limit // 2 - 40, 0)
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters cut) ...\n{text[-half:] if half else ''}"
+
+
 def error_record(offset: int, exc: BaseException, direction: str | None = None) -> tuple[Any, ...]:
     """Describe an exception so that the parent can rebuild or stand in for it."""
     try:
@@ -153,6 +161,22 @@ class Worker:
             # is brief; back off instead of adding a second doorbell.
             time.sleep(pause)
             pause = min(pause * 2, 0.002)
+
+    def control_frame_limit(self) -> int:
+        """Most bytes a log record or hook failure may take in the ring."""
+        return self.region.max_payload() // 4
+
+    def push_failure(self, kind: int, failure: BaseException) -> None:
+        """Report a hook failure, its text cut short if it would not fit."""
+        record = error_record(0, failure)
+        blob = _codec.dumps(record, [])
+        limit = self.control_frame_limit()
+        if len(blob) > limit:
+            offset, _, name, message, text, direction = record
+            record = (offset, None, name, cut_text(message, limit // 4), cut_text(text, limit // 4),
+                      direction)
+            blob = _codec.dumps(record, [])
+        self.push(kind, 0, [blob])
 
     def release_acked_spills(self) -> None:
         acked = self.region.spill_ack(self.slot)
@@ -323,12 +347,16 @@ class Worker:
         # Results are encoded and dropped: any arena view still in use now
         # is held by something a task kept.
         pinned, unpinned = self.pending_pins()
-        error_blob = _codec.dumps((errors, pinned, unpinned), [])
         envelope_len = sum(memoryview(p).nbytes for p in parts)
+        # Error records travel as an envelope too: an exception with a huge
+        # message goes to a spill segment instead of overflowing the ring.
+        room = self.region.max_payload() - proto.RESULT_HEADER.size - envelope_len
+        error_parts, error_spill, _ = _codec.encode((errors, pinned, unpinned), room // 2)
         header = proto.RESULT_HEADER.pack(call_id, elapsed, stopped_at, status, envelope_len)
-        self.push(proto.RESULTS, seq, [header, *parts, error_blob])
-        if spill is not None:
-            self.unacked_spills.append((seq, spill))
+        self.push(proto.RESULTS, seq, [header, *parts, *error_parts])
+        for sent in (spill, error_spill):
+            if sent is not None:
+                self.unacked_spills.append((seq, sent))
 
     def encode_results(self, results: list[Any], errors: list[tuple[Any, ...]],
                        inline_limit: int) -> tuple[list[Any], _codec.Spill | None]:
@@ -414,6 +442,11 @@ class _ForwardToParent(logging.Handler):
             fields["worker_slot"] = self.worker.slot
             fields["worker_pid"] = os.getpid()
             blob = _codec.dumps(fields, [])
+            limit = self.worker.control_frame_limit()
+            if len(blob) > limit:
+                fields["msg"] = cut_text(fields["msg"], limit // 4)
+                fields["exc_text"] = cut_text(fields.get("exc_text") or "", limit // 4) or None
+                blob = _codec.dumps(fields, [])
             self.worker.push(proto.LOG, 0, [blob])
         except Exception:
             self.handleError(record)
@@ -492,14 +525,14 @@ def worker_main(config: WorkerConfig) -> None:
     _configure_logging(worker, config.log_levels)
     failure = worker.run_hook(config.on_worker_start)
     if failure is not None:
-        worker.push(proto.START_FAILED, 0, [_codec.dumps(error_record(0, failure), [])])
+        worker.push_failure(proto.START_FAILED, failure)
         flush_standard_streams()
         os._exit(3)
     worker.push(proto.READY, 0, [proto.PID.pack(os.getpid())])
     worker.serve()
     failure = worker.run_hook(config.on_worker_stop)
     if failure is not None:
-        worker.push(proto.HOOK_FAILED, 0, [_codec.dumps(error_record(0, failure), [])])
+        worker.push_failure(proto.HOOK_FAILED, failure)
     flush_standard_streams()
     # Give the parent time to map any spilled results still unacknowledged.
     deadline = time.monotonic() + 5
