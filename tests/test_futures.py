@@ -322,6 +322,47 @@ def test_map_with_chunksize_and_zip_of_iterables() -> None:
             pool.map(square, [1], chunksize=0)
 
 
+def test_map_of_known_length_is_finished_by_shutdown() -> None:
+    """Executor semantics: a map left unread at shutdown() still runs to the
+    end, and its results can be read after the pool is gone."""
+    pool = WorkerPool(2, start_method="fork", buffer_size=64)
+    results = pool.map(square, list(range(5000)))
+    assert next(results) == 0
+    pool.shutdown(wait=True)
+    assert list(results) == [x * x for x in range(1, 5000)]
+
+
+def test_map_of_endless_input_does_not_hold_up_shutdown() -> None:
+    """An unread map over an endless iterator does not keep shutdown()
+    reading its input forever: shutdown returns, the tasks read before it
+    deliver their results in order, then the map raises PoolClosedError."""
+    with WorkerPool(2, start_method="fork") as pool:
+        results = pool.map(square, itertools.count())
+        assert next(results) == 0
+        done = threading.Event()
+        closer = threading.Thread(target=lambda: (pool.shutdown(wait=True), done.set()))
+        closer.start()
+        closer.join(WAIT)
+        assert done.is_set(), "shutdown hung on an endless map"
+    got = []
+    with pytest.raises(PoolClosedError, match="unknown length"):
+        for value in results:
+            got.append(value)
+    assert got == [x * x for x in range(1, len(got) + 1)]
+
+
+def test_shutdown_with_cancel_futures_ends_unread_maps() -> None:
+    """shutdown(cancel_futures=True) drops a map's unstarted work: reading
+    it raises PoolClosedError rather than waiting for every task."""
+    pool = WorkerPool(2, start_method="fork")
+    results = pool.map(sleep_then_return, [0.2] * 40, range(40))
+    begin = time.monotonic()
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - begin < 4.0  # 40 tasks would take 4 s
+    with pytest.raises(PoolClosedError):
+        list(results)
+
+
 # -- thread safety -------------------------------------------------------------------
 
 
@@ -444,3 +485,53 @@ def test_deadline_already_passed_runs_nothing(kind: str, api: str, tmp_path: Pat
         time.sleep(0.2)
         assert started(tmp_path) == {}
         check_usable(pool)
+
+
+# -- an engine held up by a call's own input ------------------------------------------
+
+
+def one_then_block(seconds: float):
+    yield 1
+    time.sleep(seconds)
+    yield 2
+
+
+@pytest.mark.parametrize("api", ["process", "process_stream"])
+@pytest.mark.parametrize("kind", ["timeout", "cancel"])
+def test_deadline_fires_while_the_input_iterator_blocks(api: str, kind: str) -> None:
+    """timeout= and cancel= end the call promptly even while its input
+    generator blocks the engine (which cannot be interrupted): the waiting
+    thread raises, and the pool serves calls again once the generator
+    yields."""
+    with WorkerPool(2, start_method="fork") as pool:
+        token = threading.Event()
+        timer = threading.Timer(0.5, token.set)
+        options: dict[str, Any] = {"timeout": 0.5} if kind == "timeout" else {"cancel": token}
+        expected = CallTimeoutError if kind == "timeout" else CallCancelledError
+        timer.start()
+        begin = time.monotonic()
+        try:
+            with pytest.raises(expected):
+                if api == "process":
+                    pool.process(square, one_then_block(4.0), **options)
+                else:
+                    list(pool.process_stream(square, one_then_block(4.0), **options))
+        finally:
+            timer.cancel()
+        assert time.monotonic() - begin < 3.0  # the generator blocks for 4 s
+        assert pool.process(square, [1, 2, 3], timeout=WAIT) == [1, 4, 9]
+
+
+def test_blocking_call_from_an_input_iterator_of_the_same_pool_fails_clearly() -> None:
+    """An input generator that itself waits on the same pool would deadlock
+    the engine: the inner call raises RuntimeError instead, reported as the
+    outer call's input failure, and the pool stays usable."""
+    with WorkerPool(2, start_method="fork") as pool:
+        def nested():
+            yield pool.process(square, [5])[0]
+
+        with pytest.raises(TaskError) as caught:
+            pool.process(square, nested(), timeout=WAIT)
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert "engine thread" in str(caught.value.__cause__)
+        assert pool.process(square, [2], timeout=WAIT) == [4]

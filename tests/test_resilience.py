@@ -283,7 +283,10 @@ def test_rate_limit_keeps_up_at_a_high_rate() -> None:
     count = sum(1 for t in released[1:] if t < first + seconds)
     assert abs(count - rate * seconds) <= 0.02 * rate * seconds, (
         f"{count} releases in {seconds} s at rate_limit={rate}")
-    assert _max_in_window(released[1:]) <= rate + 1
+    # A permit released late (the engine woke late) is followed at once by
+    # the next one falling due, so a one-second window may hold a few more
+    # than rate + 1 releases; 2% more allows for wake-ups up to 20 ms late.
+    assert _max_in_window(released[1:]) <= rate + 1 + 0.02 * rate
 
 
 def test_token_bucket_shared_by_two_pools(tmp_path: Path) -> None:

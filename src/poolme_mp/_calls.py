@@ -8,6 +8,7 @@ guards its state with its own lock or event.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ._errors import TaskError, TaskErrorGroup
+from ._errors import CallCancelledError, CallTimeoutError, TaskError, TaskErrorGroup
 from ._policies import RetryPolicy
 
 # A task waiting to be (re)sent: (index, task, attempts so far, isolated).
@@ -81,7 +82,7 @@ class Call:
         self.exhausted = self.sequence is not None and len(self.sequence) == 0
         # What reading the input raised: the call fails with it once the
         # tasks read before it have run.
-        self.input_error: TaskError | None = None
+        self.input_error: BaseException | None = None
         self.future_started = False
         self.pending: deque[PendingTask] = deque()
         self.in_flight = 0
@@ -102,6 +103,21 @@ class Call:
         # data arena.
         self.bytes_per_task = 0
         self.probing = False
+
+    # -- deadlines ------------------------------------------------------
+
+    def expiry(self) -> BaseException | None:
+        """The error that ends the call now, if its timeout has passed or
+        its cancel token is set."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return CallTimeoutError(
+                f"the call did not finish within timeout={self.timeout}s; "
+                "its unstarted tasks were dropped and running ones abandoned")
+        if self.cancel is not None and self.cancel.is_set():
+            return CallCancelledError(
+                "the call's cancel token was set; its unstarted tasks were dropped "
+                "and running ones abandoned")
+        return None
 
     # -- where tasks come from -------------------------------------------
 
@@ -396,6 +412,13 @@ class TypedSink(ListSink):
         return result
 
 
+class NotReady(enum.Enum):
+    NOT_READY = "not ready"
+
+
+NOT_READY = NotReady.NOT_READY
+
+
 class StreamSink(Sink):
     """Hands a stream's results to the consuming thread as they arrive.
 
@@ -455,11 +478,12 @@ class StreamSink(Sink):
         if self.progress is not None:
             self.progress.close()
 
-    def next_chunk(self, poll: float) -> list[Any] | None:
-        """The next chunk in stream order; None at the end.  Raises the
-        call's failure once every result before it has been handed out."""
+    def next_chunk(self, poll: float) -> list[Any] | None | NotReady:
+        """The next chunk in stream order; None at the end; NOT_READY if
+        none came within poll seconds.  Raises the call's failure once
+        every result before it has been handed out."""
         with self._cond:
-            while True:
+            for _ in range(2):
                 chunk = self._pop_ready()
                 if chunk is not None:
                     break
@@ -468,6 +492,8 @@ class StreamSink(Sink):
                         raise self.failure
                     return None
                 self._cond.wait(poll)
+            else:
+                return NOT_READY
         self.consumed += len(chunk)
         if self.on_consumed is not None:
             self.on_consumed()

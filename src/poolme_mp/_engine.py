@@ -39,8 +39,6 @@ from ._calls import Call, PendingTask, slice_tasks
 from ._errors import (
     BrokenPoolError,
     CallbackError,
-    CallCancelledError,
-    CallTimeoutError,
     PoolClosedError,
     RemoteError,
     TaskError,
@@ -318,7 +316,7 @@ class Engine:
                 call, failure = payload
                 self._abort_call(call, failure)
             elif kind == "close":
-                self._close_streams()
+                self._close_streams(cancel_futures=payload)
                 if payload:
                     self._cancel_pending_futures()
         if self.flow_blocked:
@@ -354,20 +352,33 @@ class Engine:
             self.function_ids.move_to_end(blob)
         return fn_id
 
-    def _close_streams(self) -> None:
+    def _close_streams(self, cancel_futures: bool) -> None:
         """Streams cannot outlive shutdown: one nobody reads would keep it
-        waiting forever.  Executor.map streams are read to the end instead
-        (Executor semantics: submitted work completes and can be iterated
-        afterwards); process_stream streams end with PoolClosedError."""
+        waiting forever.  process_stream streams end with PoolClosedError.
+
+        Executor.map streams finish their work instead (Executor semantics:
+        submitted work completes and can be iterated afterwards): an input
+        of known length is read to the end.  An input of unknown length
+        may never end, so reading stops; the tasks already read run, and
+        the map raises PoolClosedError after their results.  With
+        cancel_futures, maps end at once like other streams.
+        """
         for call in list(self.active.values()):
             if call.flow_limit is None:
                 continue
-            if call.drain_on_close:
-                call.flow_limit = None
-                self._make_ready(call)
-            else:
+            if not call.drain_on_close or cancel_futures:
                 self._abort_call(call, PoolClosedError(
                     "the pool was shut down while this stream was still open"))
+                continue
+            call.flow_limit = None
+            if call.length is None and not call.exhausted:
+                call.exhausted = True
+                call.input_error = PoolClosedError(
+                    f"the pool was shut down before this map's input, of unknown length, "
+                    f"was read to the end: the results of the {call.next_index} tasks read "
+                    f"before come first")
+            self._make_ready(call)
+            self._finish_if_done(call)
 
     def _cancel_pending_futures(self) -> None:
         for call in list(self.active.values()):
@@ -870,14 +881,9 @@ class Engine:
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for call in list(self.active.values()):
-            if call.deadline is not None and now >= call.deadline:
-                self._abort_call(call, CallTimeoutError(
-                    f"the call did not finish within timeout={call.timeout}s; "
-                    "its unstarted tasks were dropped and running ones abandoned"))
-            elif call.cancel is not None and call.cancel.is_set():
-                self._abort_call(call, CallCancelledError(
-                    "the call's cancel token was set; its unstarted tasks were dropped "
-                    "and running ones abandoned"))
+            expired = call.expiry()
+            if expired is not None:
+                self._abort_call(call, expired)
         now_ns = _dispatch.monotonic_ns()
         for handle in self.workers:
             if handle is None or handle.kill_reason is not None:

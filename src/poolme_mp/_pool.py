@@ -15,6 +15,7 @@ import multiprocessing.util
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import (
     AsyncIterator,
@@ -27,7 +28,15 @@ from collections.abc import (
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _codec, _dispatch
-from ._calls import Call, Failure, FutureSink, ListSink, StreamSink, TypedSink
+from ._calls import (
+    NOT_READY,
+    Call,
+    Failure,
+    FutureSink,
+    ListSink,
+    StreamSink,
+    TypedSink,
+)
 from ._dispatch import ResultStream
 from ._engine import Engine, EngineOptions, terminate_all
 from ._errors import (
@@ -190,7 +199,14 @@ class WorkerPool(concurrent.futures.Executor):
         self._running_engine()
         return self
 
-    def _running_engine(self) -> Engine:
+    def _running_engine(self, blocking: bool = True) -> Engine:
+        engine = self._engine
+        if blocking and engine is not None and threading.current_thread() is engine.thread:
+            raise RuntimeError(
+                "a call that waits for results was made from this pool's own engine thread "
+                "(from the input iterator of one of its calls, or from a parent-side "
+                "callback); it would wait on itself forever: read such input before the "
+                "call, or use another pool")
         with self._lock:
             if self._shut_down:
                 raise PoolClosedError("the pool is shut down; it accepts no more work")
@@ -270,7 +286,15 @@ class WorkerPool(concurrent.futures.Executor):
     def _run_batch(self, call: Call, sink: ListSink) -> list[Any]:
         engine = self._running_engine()
         engine.submit(call)
-        _wait_interruptibly(sink.wait, lambda: engine.abort(
+        backstop = _Backstop(engine, call)
+
+        def wait(timeout: float) -> bool:
+            if sink.wait(timeout):
+                return True
+            backstop.check()
+            return False
+
+        _wait_interruptibly(wait, lambda: engine.abort(
             call, CallCancelledError("interrupted by KeyboardInterrupt")))
         return sink.outcome()
 
@@ -431,7 +455,7 @@ class WorkerPool(concurrent.futures.Executor):
         call = self._call(fn, [(args, kwargs)], mode=_dispatch.MODE_APPLY,
                           sink=FutureSink(future), length=1, retry=None, continue_on_error=None,
                           return_exceptions=False, timeout=None, cancel=None, future=future)
-        self._running_engine().submit(call)
+        self._running_engine(blocking=False).submit(call)
         return future
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
@@ -447,7 +471,11 @@ class WorkerPool(concurrent.futures.Executor):
         _check_timeout("timeout", timeout)
         engine = self._running_engine()
         sink = StreamSink(ordered=True, return_exceptions=False)
-        call = self._call(fn, zip(*iterables, strict=False), mode=_dispatch.MODE_STAR, sink=sink, length=None,
+        # A known length lets shutdown() finish the map (see the engine).
+        lengths = [_length_of(iterable) for iterable in iterables]
+        known = [n for n in lengths if n is not None]
+        length = min(known, default=0) if len(known) == len(lengths) else None
+        call = self._call(fn, zip(*iterables, strict=False), mode=_dispatch.MODE_STAR, sink=sink, length=length,
                           retry=None, continue_on_error=False, return_exceptions=False,
                           timeout=timeout, cancel=None, flow_limit=self.buffer_size,
                           drain_on_close=True)
@@ -521,6 +549,7 @@ class _StreamReader:
         self.sink = sink
         self.closed = False
         self.errors: list[TaskError] = []
+        self.backstop = _Backstop(engine, call)
 
     def next_chunk(self) -> list[Any] | None:
         if self.closed:
@@ -528,7 +557,11 @@ class _StreamReader:
         box: list[list[Any] | None] = []
 
         def take(poll: float) -> bool:
-            box.append(self.sink.next_chunk(poll))
+            chunk = self.sink.next_chunk(poll)
+            if chunk is NOT_READY:
+                self.backstop.check()
+                return False
+            box.append(chunk)
             return True
 
         try:
@@ -576,6 +609,37 @@ def _flow_waker(engine: Engine, call: Call) -> Callable[[], None]:
         if call.flow_limit is not None and call.flow_open():
             engine.wake()
     return wake_if_blocked
+
+
+# How long after a call's timeout or cancel token fires its caller waits
+# for the engine to end the call before raising on its own.  The engine
+# normally ends it at once, but its thread may be held up in a call's
+# input iterator (a generator that blocks), which no thread can interrupt.
+_BACKSTOP_GRACE = 0.5
+
+
+class _Backstop:
+    """Raises a call's timeout or cancellation in the waiting thread when
+    the engine has not ended the call soon after either fired."""
+
+    def __init__(self, engine: Engine, call: Call) -> None:
+        self.engine = engine
+        self.call = call
+        self.fired_at: float | None = None
+
+    def check(self) -> None:
+        call = self.call
+        if call.deadline is None and call.cancel is None:
+            return
+        expired = call.expiry()
+        if expired is None:
+            return
+        now = time.monotonic()
+        if self.fired_at is None:
+            self.fired_at = now
+        elif now - self.fired_at >= _BACKSTOP_GRACE:
+            self.engine.abort(call, expired)
+            raise expired
 
 
 def _wait_interruptibly(wait: Callable[[float], bool], on_interrupt: Callable[[], None]) -> None:
