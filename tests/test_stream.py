@@ -470,3 +470,24 @@ def test_input_that_raises_fails_process_and_map_with_its_error() -> None:
                 got.append(value)
         assert got == [x * x for x in range(50)]
         assert isinstance(caught.value.__cause__, OSError)
+
+
+def _type_and_value(x: Any) -> tuple[str, Any]:
+    return type(x).__name__, x
+
+
+def test_stream_over_a_1d_array_hands_out_python_scalars_like_process() -> None:
+    """process_stream gives a 1-D array's elements to tasks as the same
+    Python scalars process() does, in order, whatever the dtype; rows of a
+    2-D array arrive as arrays."""
+    np = pytest.importorskip("numpy")
+    arrays = [np.arange(10_000, dtype=np.int64), np.linspace(0, 1, 5000, dtype=np.float32),
+              np.array([True, False, True]), np.array(["2024-01-02"], dtype="datetime64[D]")]
+    with WorkerPool(2, start_method="fork") as pool:
+        for array in arrays:
+            streamed = list(pool.process_stream(_type_and_value, array, timeout=30))
+            assert streamed == pool.process(_type_and_value, array, timeout=30)
+            assert streamed == [(type(x).__name__, x) for x in array.tolist()]
+        rows = list(pool.process_stream(lambda row: (type(row).__name__, row.tolist()),
+                                        np.arange(6).reshape(3, 2), timeout=30))
+        assert rows == [("ndarray", [0, 1]), ("ndarray", [2, 3]), ("ndarray", [4, 5])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
+import itertools
 import multiprocessing
 import multiprocessing.util
 import os
@@ -429,7 +430,7 @@ class WorkerPool(concurrent.futures.Executor):
         False yields results as they complete.  Closing the iterator early
         (break, close(), an exception) stops reading and drops the work.
         """
-        tasks = _check_iterable("tasks", tasks)
+        tasks = _as_stream_source(_check_iterable("tasks", tasks))
         limit = self.buffer_size if buffer_size is None else buffer_size
         check_int("buffer_size", limit, minimum=1)
         length = _length_of(tasks)
@@ -671,6 +672,35 @@ def _as_task_source(tasks: Any) -> Any:
 
         return SharedRows(tasks)
     return tasks
+
+
+def _as_stream_source(tasks: Any) -> Any:
+    """A 1-D array's elements become Python scalars, as process() gives
+    them, converted a slice at a time so the stream stays lazy."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(tasks, numpy.ndarray):
+        return tasks
+    if tasks.ndim == 0:
+        raise TypeError("tasks must not be a 0-d array: it has no rows to iterate")
+    if tasks.ndim > 1 or tasks.dtype.hasobject:
+        return tasks
+    step = 4096
+    slices = (tasks[start:start + step].tolist() for start in range(0, len(tasks), step))
+    return _Sized(itertools.chain.from_iterable(slices), len(tasks))
+
+
+class _Sized:
+    """An iterator that also knows its length (for progress bars)."""
+
+    def __init__(self, iterator: Iterator[Any], length: int) -> None:
+        self.iterator = iterator
+        self.length = length
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iterator
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _check_timeout(name: str, value: float | None) -> None:
