@@ -382,12 +382,6 @@ def test_nested_large_buffers_round_trip(fork_pool):
     assert result["list"][1:] == [5, None]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "task arena pinning does not work: the worker decides a task released its arena "
-    "views when memoryview.release() succeeds, but numpy arrays rebuilt from the "
-    "pickle hold a derived view of the same managed buffer, so release() succeeds "
-    "while the array still uses the memory; the region is freed and the next "
-    "frame's data overwrites an array the task kept"))
 def test_task_array_kept_by_a_worker_is_not_overwritten():
     """A task that keeps its input array (in worker_state) still sees the
     same data after later tasks have passed through the data arena."""

@@ -40,7 +40,13 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from ._dispatch import PACKED_TAG, pack_numbers, unpack_numbers, wrap_large_bytes
+from ._dispatch import (
+    PACKED_TAG,
+    ArenaSlice,
+    pack_numbers,
+    unpack_numbers,
+    wrap_large_bytes,
+)
 
 # Buffers at least this large travel out of band.  Below it, the copies
 # made by pickling in band cost less than a segment of their own.
@@ -288,7 +294,7 @@ def _encode_spilled(main: bytes, views: list[memoryview], inline_limit: int
 
 
 def decode(envelope: Any, writable: bool, arena: memoryview | None = None,
-           arena_buffers: list[memoryview] | None = None) -> Any:
+           arena_buffers: list[Any] | None = None) -> Any:
     """Rebuild an object from an envelope (bytes or a memoryview).
 
     With writable=False, out-of-band buffers are mapped read-only, so a
@@ -328,7 +334,7 @@ def arena_region(envelope: Any) -> tuple[int, int] | None:
 
 
 def _decode_from_arena(view: memoryview, writable: bool, arena: memoryview | None,
-                       arena_buffers: list[memoryview] | None) -> Any:
+                       arena_buffers: list[Any] | None) -> Any:
     if arena is None:
         raise RuntimeError("envelope refers to a data arena, but none is mapped")
     _, _, n_buffers = _ARENA_HEADER.unpack_from(view, 1)
@@ -336,14 +342,17 @@ def _decode_from_arena(view: memoryview, writable: bool, arena: memoryview | Non
     buffers: list[Any] = []
     for i in range(n_buffers):
         start, length = _RANGE.unpack_from(view, position + i * _RANGE.size)
-        piece = arena[start:start + length]
         if writable:
+            piece = arena[start:start + length]
             buffers.append(_copy_out(piece))
             piece.release()
         else:
-            buffers.append(piece)
+            # Read in place: an ArenaSlice can tell later whether anything
+            # built on it (an array a task kept) is still alive.
+            in_place = ArenaSlice(arena, start, length)
+            buffers.append(in_place)
             if arena_buffers is not None:
-                arena_buffers.append(piece)
+                arena_buffers.append(in_place)
     main = view[position + n_buffers * _RANGE.size:]
     return pickle.loads(main, buffers=buffers)
 

@@ -62,7 +62,12 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from libc.errno cimport errno, EAGAIN
 from posix.unistd cimport read, write
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.buffer cimport (
+    PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_ND,
+    PyBUF_STRIDES,
+)
+from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport PyObject
 
 cdef extern from "_atomics.h":
     uint64_t pm_load_acquire(const volatile uint64_t *p) nogil
@@ -744,3 +749,88 @@ cdef class ResultStream:
             self.close()
         except Exception:
             pass
+
+
+cdef char *_BYTE_FORMAT = b"B"
+
+
+cdef class ArenaSlice:
+    """A read-only buffer over part of a mapped arena that knows whether
+    anything still uses it.
+
+    A worker hands these to the unpickler for task buffers read in place.
+    A plain memoryview slice cannot tell: numpy builds arrays on a view of
+    the slice's underlying buffer, so releasing the slice succeeds while an
+    array a task kept still points into the arena.  Every consumer of an
+    ArenaSlice must take a buffer from it (counted here) or hold a
+    reference to it, so in_use() is exact.
+    """
+
+    cdef Py_buffer _arena
+    cdef bint _has_arena
+    cdef char *_start
+    cdef Py_ssize_t _length
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+    cdef int _exports
+
+    def __cinit__(self, arena, Py_ssize_t start, Py_ssize_t length):
+        self._has_arena = False
+        PyObject_GetBuffer(arena, &self._arena, PyBUF_SIMPLE)
+        self._has_arena = True
+        if start < 0 or length < 0 or start + length > self._arena.len:
+            raise ValueError(f"slice {start}+{length} outside an arena of {self._arena.len} bytes")
+        self._start = <char *>self._arena.buf + start
+        self._length = length
+        self._shape[0] = length
+        self._strides[0] = 1
+        self._exports = 0
+
+    def __dealloc__(self):
+        if self._has_arena:
+            PyBuffer_Release(&self._arena)
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("task data read in place is read-only")
+        buffer.buf = self._start
+        buffer.len = self._length
+        buffer.readonly = 1
+        buffer.itemsize = 1
+        buffer.format = NULL
+        if flags & PyBUF_FORMAT:
+            buffer.format = _BYTE_FORMAT
+        buffer.ndim = 1
+        buffer.shape = NULL
+        if flags & PyBUF_ND:
+            buffer.shape = self._shape
+        buffer.strides = NULL
+        if (flags & PyBUF_STRIDES) == PyBUF_STRIDES:
+            buffer.strides = self._strides
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        buffer.obj = self
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self._exports -= 1
+
+    def __len__(self):
+        return self._length
+
+    cdef bint exported(self):
+        return self._exports > 0
+
+
+def arena_slices_in_use(list slices):
+    """True if something other than the list slices holds one of its
+    ArenaSlices, or a buffer taken from one (a task kept an array)."""
+    cdef Py_ssize_t i
+    cdef PyObject *item
+    for i in range(len(slices)):
+        item = PyList_GET_ITEM(slices, i)
+        if item.ob_refcnt > 1:
+            return True
+        if (<ArenaSlice>item).exported():
+            return True
+    return False

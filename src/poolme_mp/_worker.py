@@ -105,16 +105,10 @@ class _ResultArena:
         return self.ring.alloc(nbytes, self.seq)
 
 
-def _release_all(views: list[memoryview]) -> bool:
-    """Release views of the task arena; False if some are still in use
-    (a task kept an array built on them)."""
-    held = False
-    for view in views:
-        try:
-            view.release()
-        except BufferError:
-            held = True
-    return not held
+def _released(slices: list[Any]) -> bool:
+    """True once nothing uses these task arena slices any more; False
+    while a task keeps an array (or other view) built on one of them."""
+    return not _dispatch.arena_slices_in_use(slices)
 
 
 class _FunctionLoadFailure:
@@ -139,7 +133,7 @@ class Worker:
             _arena.map_arena(config.result_arena.fd, config.arena_bytes, writable=True),
             _arena.Ring(config.arena_bytes))
         # Task arena regions whose views a task kept: (start, views).
-        self.pinned: list[tuple[int, list[memoryview]]] = []
+        self.pinned: list[tuple[int, list[Any]]] = []
         self.functions: OrderedDict[int, Any] = OrderedDict()
         # Result spills waiting for the parent to map them: (seq, spill).
         self.unacked_spills: deque[tuple[int, _codec.Spill]] = deque()
@@ -212,7 +206,7 @@ class Worker:
             self.claimed = seq
             envelope = payload[start + fn_len:]
             arena_region = _codec.arena_region(envelope)
-            in_place: list[memoryview] = []
+            in_place: list[Any] = []
             try:
                 tasks = _codec.decode(envelope, False, self.task_arena, in_place)
                 decode_error = None
@@ -229,16 +223,16 @@ class Worker:
             self.run_frame(seq, call_id, fn, mode, flags, box, decode_error)
 
     def check_pins(self, arena_region: tuple[int, int] | None,
-                   in_place: list[memoryview]) -> Any:
+                   in_place: list[Any]) -> Any:
         """Return a callable that, after the frame, reports which task arena
         regions are still viewed by something a task kept."""
         def report() -> tuple[list[int], list[int]]:
             pinned: list[int] = []
-            if arena_region is not None and not _release_all(in_place):
+            if arena_region is not None and not _released(in_place):
                 self.pinned.append((arena_region[0], in_place))
                 pinned.append(arena_region[0])
             unpinned = [start for start, views in self.pinned
-                        if start not in pinned and _release_all(views)]
+                        if start not in pinned and _released(views)]
             if unpinned:
                 self.pinned = [(s, v) for s, v in self.pinned if s not in unpinned]
             return pinned, unpinned
