@@ -563,9 +563,6 @@ def test_shared_array_created_in_a_worker_arrives_intact(fork_pool):
     assert [r.tolist() for r in results] == [list(np.arange(10.0)), list(np.arange(20.0))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_shared rebuilds shared arrays from dtype.str, which drops the fields of a "
-    "structured dtype: the worker sees '|V<n>' void data with no field names"))
 def test_shared_structured_array_keeps_its_dtype(fork_pool):
     """A shared array of a structured dtype reaches the worker with its
     fields."""
@@ -667,10 +664,6 @@ def test_bool_and_float32_rows(fork_pool):
         ("ndarray", "<f4", (4,), False, row.tolist()) for row in floats]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the input array is shared and rebuilt in the worker from dtype.str, which drops "
-    "the fields of a structured dtype: 1-D elements arrive as raw bytes instead of "
-    "the tuples tolist() gives, and rows of a 2-D array are '|V<n>' void arrays"))
 def test_structured_dtype_input_keeps_its_fields(fork_pool):
     """Elements of a 1-D structured array arrive as tolist() gives them
     (tuples), and rows of a 2-D structured array keep the field names."""

@@ -120,7 +120,7 @@ class SharedArray(np.ndarray):
         if base.size and not segment.contains(low, high - low):
             return None
         key = (segment.owner, segment.fd, segment.inode, segment.size)
-        return key, address - segment.address, base.shape, base.strides, base.dtype.str
+        return key, address - segment.address, base.shape, base.strides, base.dtype
 
 
 def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
@@ -172,9 +172,9 @@ def reduce_shared(array: SharedArray) -> Any:
 
 
 def _rebuild_shared(key: tuple[int, int, int, int], offset: int, shape: tuple[int, ...],
-                    strides: tuple[int, ...], dtype: str) -> SharedArray:
+                    strides: tuple[int, ...], dtype: np.dtype[Any]) -> SharedArray:
     segment = _lookup_segment(key)
-    array = np.ndarray(shape, dtype=np.dtype(dtype), buffer=segment.map, offset=offset,
+    array = np.ndarray(shape, dtype=dtype, buffer=segment.map, offset=offset,
                        strides=strides).view(SharedArray)
     array._segment = segment
     return array
