@@ -773,10 +773,6 @@ def test_typed_fast_path_serves_float64_vectors(fork_pool):
     assert result[1:].tolist() == [1.0] * 399
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "typed_1d_supported only accepts dtype char 'q', but int64 arrays are 'l' on "
-    "Linux x86-64, and shared arrays are rebuilt from dtype.str ('<i8' -> 'l'), so "
-    "int64 input or output never takes the documented int64 fast path"))
 @pytest.mark.parametrize("source_dtype, out_dtype", [
     (np.int64, np.int64), (np.int64, np.float64), (np.float64, np.int64)])
 def test_typed_fast_path_serves_int64_vectors(fork_pool, source_dtype, out_dtype):
@@ -786,24 +782,18 @@ def test_typed_fast_path_serves_int64_vectors(fork_pool, source_dtype, out_dtype
     assert result[1:].tolist() == [1] * 399
 
 
-GENERAL_MISFITS = [
+# The cause is numpy's error on the general path, the C conversion's on
+# the float64/int64 fast path; the error type and index are the same.
+MISFITS = [
     ("non-number, float32 out", string_at_two, np.float32, ValueError),
-    ("non-number, int64 out", string_at_two, np.int64, ValueError),
     ("wrong shape, (3,) items", wrong_shape_at_two, np.float64, ValueError),
-]
-FAST_MISFITS = [
+    ("non-number, int64 out, fast path", string_at_two, np.int64, TypeError),
     ("non-number, fast path", string_at_two, np.float64, TypeError),
     ("array for a scalar, fast path", vector_at_two, np.float64, TypeError),
 ]
-FAST_PATH_ERROR_BUG = (
-    "on the float64 fast path a result that does not fit the output is reported as a "
-    "plain TaskError (as if the task raised), while the general path and the engine "
-    "report TaskSerializationError(direction='result') for the same misfit")
 
 
-@pytest.mark.parametrize("name, fn, dtype, cause", GENERAL_MISFITS + [
-    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=FAST_PATH_ERROR_BUG))
-    for case in FAST_MISFITS], ids=[c[0] for c in GENERAL_MISFITS + FAST_MISFITS])
+@pytest.mark.parametrize("name, fn, dtype, cause", MISFITS, ids=[c[0] for c in MISFITS])
 def test_misfit_result_fails_its_own_task(fork_pool, name, fn, dtype, cause):
     """A result of the wrong shape, or not a number, fails that task alone
     with TaskSerializationError(direction="result") naming its index and
@@ -827,10 +817,6 @@ def test_misfit_result_fails_its_own_task(fork_pool, name, fn, dtype, cause):
     assert np.array_equal(results[good], expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a result that does not fit the output array on the worker-side general path is "
-    "reported as 'its result could not be pickled in the worker to travel back', "
-    "which is not what happened (nothing was pickled; it did not fit the array)"))
 def test_misfit_error_message_names_the_output_array(fork_pool):
     """The error of a result that does not fit the output says so rather
     than blaming pickling."""
@@ -1028,3 +1014,18 @@ def test_child_interpreter_exits_without_resource_tracker_warnings(tmp_path, sta
     assert "resource_tracker" not in proc.stderr
     assert "leaked" not in proc.stderr
     assert proc.stderr == ""
+
+
+def test_float_results_into_int64_output_truncate_like_numpy_on_both_paths(fork_pool):
+    """A float result stored into int64 output truncates toward zero, as
+    numpy's assignment does, on the fast path (int64 vector input) and the
+    general path (list input) alike; a NaN result fails its own task."""
+    values = np.array([-7, -3, 0, 3, 7, 10**15], dtype=np.int64)
+    expected = np.array(values / 2, dtype=np.float64).astype(np.int64)
+    fast = fork_pool.process(lambda x: x / 2, values, dtype=np.int64, timeout=T)
+    general = fork_pool.process(lambda x: x / 2, values.tolist(), dtype=np.int64, timeout=T)
+    assert fast.dtype == general.dtype == np.int64
+    assert fast.tolist() == general.tolist() == expected.tolist()
+    with pytest.raises(TaskSerializationError) as caught:
+        fork_pool.process(lambda x: float("nan") if x == 3 else x, values, dtype=np.int64, timeout=T)
+    assert caught.value.index == 3 and caught.value.direction == "result"

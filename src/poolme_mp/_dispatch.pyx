@@ -603,15 +603,25 @@ def unpack_numbers(const unsigned char[::1] packed):
     return result
 
 
+cdef long long _float_to_int64(double value) except? -1:
+    """A float stored into int64 output truncates toward zero, as numpy's
+    assignment does; NaN, infinities and values out of range are errors."""
+    if not (-9223372036854775808.0 <= value < 9223372036854775808.0):
+        raise OverflowError(f"{value!r} does not fit in int64")
+    return <long long>value
+
+
 def run_typed_1d(SharedRegion region, int slot, fn, source, output, int64_t call_id,
                  bint stop_on_error):
     """The typed fast path: output[k] = fn(source[k]) for 1-D arrays of
     float64 or int64, without building task or result lists.
 
     Elements are handed to fn as Python floats or ints (as tolist() would)
-    and results are stored as C values; an exception, or a result that is
-    not a number, fails that element.  Returns (errors, stopped_at,
-    elapsed_ns) like run_tasks.
+    and results are stored as C values, converted as numpy's assignment
+    would (a float into int64 output truncates toward zero).  Returns
+    (errors, stopped_at, elapsed_ns) like run_tasks, except that each error
+    is (offset, exception, misfit): misfit is True when the task ran but
+    its result does not fit the output (not a number, or out of range).
     """
     cdef Py_ssize_t n = len(source)
     cdef Py_ssize_t k
@@ -622,8 +632,8 @@ def run_typed_1d(SharedRegion region, int slot, fn, source, output, int64_t call
     cdef const long long[::1] src_i
     cdef double[::1] out_f
     cdef long long[::1] out_i
-    cdef bint float_in = source.dtype.char == 'd'
-    cdef bint float_out = output.dtype.char == 'd'
+    cdef bint float_in = source.dtype.kind == 'f'
+    cdef bint float_out = output.dtype.kind == 'f'
     cdef list errors = []
     if float_in:
         src_f = source
@@ -643,16 +653,25 @@ def run_typed_1d(SharedRegion region, int slot, fn, source, output, int64_t call
                 result = fn(PyFloat_FromDouble(src_f[k]))
             else:
                 result = fn(PyLong_FromLongLong(src_i[k]))
-            if float_out:
-                out_f[k] = PyFloat_AsDouble(result)
-            else:
-                out_i[k] = PyLong_AsLongLong(result)
         except BaseException as exc:
-            errors.append((k, exc))
+            errors.append((k, exc, False))
             if stop_on_error:
                 stopped_at = k + 1 if k + 1 < n else -1
                 break
             continue
+        try:
+            if float_out:
+                out_f[k] = PyFloat_AsDouble(result)
+            elif type(result) is float:
+                out_i[k] = _float_to_int64(result)
+            else:
+                out_i[k] = PyLong_AsLongLong(result)
+        except BaseException as exc:
+            # The task ran; its result does not fit the output array.
+            errors.append((k, exc, True))
+            if stop_on_error:
+                stopped_at = k + 1 if k + 1 < n else -1
+                break
     pm_store_i64(running, -1)
     return errors, stopped_at, pm_monotonic_ns() - t0
 
@@ -661,7 +680,8 @@ def typed_1d_supported(source, output):
     """True if run_typed_1d can serve this pair of arrays."""
     try:
         return (source.ndim == 1 and output.ndim == 1 and len(source) == len(output)
-                and source.dtype.char in 'dq' and output.dtype.char in 'dq'
+                # float64 or int64 ('q' and, on LP64 Linux, 'l' alike)
+                and source.dtype.kind in 'fi' and output.dtype.kind in 'fi'
                 and source.dtype.itemsize == 8 and output.dtype.itemsize == 8
                 and source.flags.c_contiguous and output.flags.c_contiguous
                 and output.flags.writeable and source.dtype.isnative and output.dtype.isnative)

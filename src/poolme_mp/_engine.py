@@ -737,6 +737,10 @@ class Engine:
             error: TaskError = TaskSerializationError(
                 f"{what}: its result could not be pickled in the worker to travel back: "
                 f"{type_name}: {message}", direction="result", **common)
+        elif direction == "output":
+            error = TaskSerializationError(
+                f"{what}: its result does not fit the output array: {type_name}: {message}",
+                direction="result", **common)
         elif direction == "task":
             error = TaskSerializationError(
                 f"{what}: its argument could not be unpickled in the worker: "

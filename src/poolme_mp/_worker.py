@@ -79,7 +79,12 @@ def cut_text(text: str, limit: int) -> str:
 
 
 def error_record(offset: int, exc: BaseException, direction: str | None = None) -> tuple[Any, ...]:
-    """Describe an exception so that the parent can rebuild or stand in for it."""
+    """Describe an exception so that the parent can rebuild or stand in for it.
+
+    direction says where it happened when not in the task itself: "task"
+    (decoding the arguments), "result" (pickling the result) or "output"
+    (the result does not fit a dtype= / out= array).
+    """
     try:
         blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
     except BaseException:
@@ -320,7 +325,8 @@ class Worker:
             region, slot, fn, source, output, call_id, bool(flags & proto.FLAG_STOP_ON_ERROR))
         del source, output, tasks
         region.set_phase(slot, _dispatch.PHASE_ENCODING, seq)
-        errors = [error_record(offset, exc) for offset, exc in failures]
+        errors = [error_record(offset, exc, "output" if misfit else None)
+                  for offset, exc, misfit in failures]
         del failures
         # The results are in the shared output; placeholders travel back.
         box: list[Any] = [[None] * count]
@@ -404,7 +410,7 @@ def write_output(output: Any, results: list[Any], errors: list[tuple[Any, ...]],
         try:
             output[offset] = results[offset]
         except Exception as exc:
-            errors.append(error_record(offset, exc, "result"))
+            errors.append(error_record(offset, exc, "output"))
     errors.sort(key=lambda record: record[0])
     return [None] * len(results)
 
