@@ -534,10 +534,6 @@ def test_new_shared_array_is_not_confused_with_a_freed_one(pool):
         gc.collect()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a SharedArray returned by a task comes back by reference, and the parent maps "
-    "its own segment again through _shared._attached, a module-level cache that keeps "
-    "the mapping after the last user reference is gone: the memory is not freed"))
 def test_shared_array_returned_by_a_task_is_freed_when_dropped(fork_pool):
     """A shared array that went to a worker and came back as the result is
     still freed (unmapped here) once the caller drops every reference."""
@@ -551,11 +547,6 @@ def test_shared_array_returned_by_a_task_is_freed_when_dropped(fork_pool):
     assert segment_maps() == maps0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a SharedArray created by a task travels back by reference to the worker's "
-    "descriptor, which the worker closes as soon as the result is encoded: the "
-    "parent fails to open /proc/<worker>/fd/<fd> and the task fails with "
-    "TaskSerializationError (FileNotFoundError)"))
 def test_shared_array_created_in_a_worker_arrives_intact(fork_pool):
     """A task may return an array made with share(); the parent receives its
     data intact."""
@@ -1029,3 +1020,15 @@ def test_float_results_into_int64_output_truncate_like_numpy_on_both_paths(fork_
     with pytest.raises(TaskSerializationError) as caught:
         fork_pool.process(lambda x: float("nan") if x == 3 else x, values, dtype=np.int64, timeout=T)
     assert caught.value.index == 3 and caught.value.direction == "result"
+
+
+def test_shared_array_returned_by_a_task_is_the_same_memory(fork_pool):
+    """A shared array a task returns comes back as a view of the caller's
+    own shared memory: writes through either are seen by the other."""
+    table = share(np.zeros(100, dtype=np.int64))
+    back = fork_pool.process(identity, [table], timeout=T)[0]
+    assert isinstance(back, SharedArray)
+    back[5] = 42
+    assert table[5] == 42
+    table[6] = 7
+    assert back[6] == 7

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from . import _state
 
 # How many segments a worker keeps mapped after their tasks are done.
 _ATTACHED_CACHE_SIZE = 8
@@ -34,7 +37,7 @@ class _Segment:
     """A shared-memory block: a memfd we created, or a mapping of one
     created by another process (or by us, reached by reference)."""
 
-    __slots__ = ("owner", "fd", "inode", "size", "map", "address", "owns_fd")
+    __slots__ = ("owner", "fd", "inode", "size", "map", "address", "owns_fd", "__weakref__")
 
     def __init__(self, owner: int, fd: int, inode: int, size: int,
                  segment_map: mmap.mmap, owns_fd: bool) -> None:
@@ -56,7 +59,13 @@ class _Segment:
         except BaseException:
             os.close(fd)
             raise
-        return cls(os.getpid(), fd, os.fstat(fd).st_ino, size, segment_map, owns_fd=True)
+        segment = cls(os.getpid(), fd, os.fstat(fd).st_ino, size, segment_map, owns_fd=True)
+        _own_segments[segment.key()] = segment
+        return segment
+
+    def key(self) -> tuple[int, int, int, int]:
+        """What a reference to this segment names: owner, fd, inode, size."""
+        return self.owner, self.fd, self.inode, self.size
 
     @classmethod
     def attach(cls, owner: int, fd: int, inode: int, size: int) -> _Segment:
@@ -84,7 +93,13 @@ class _Segment:
             self.fd = -1
 
 
+# Segments of other processes this process mapped, most recently used last.
 _attached: OrderedDict[tuple[int, int, int, int], _Segment] = OrderedDict()
+# Segments this process created, while anything here still uses them: a
+# reference to one that comes back (a task returned a shared array it was
+# given) resolves to the same memory, without mapping it a second time.
+_own_segments: weakref.WeakValueDictionary[tuple[int, int, int, int], _Segment] = (
+    weakref.WeakValueDictionary())
 
 
 class SharedArray(np.ndarray):
@@ -119,8 +134,7 @@ class SharedArray(np.ndarray):
         low, high = _byte_bounds(base)
         if base.size and not segment.contains(low, high - low):
             return None
-        key = (segment.owner, segment.fd, segment.inode, segment.size)
-        return key, address - segment.address, base.shape, base.strides, base.dtype
+        return segment.key(), address - segment.address, base.shape, base.strides, base.dtype
 
 
 def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
@@ -165,10 +179,20 @@ def empty_shared(shape: int | tuple[int, ...], dtype: npt.DTypeLike = np.float64
 def reduce_shared(array: SharedArray) -> Any:
     """How our picklers send a SharedArray: by reference when its data is
     in its segment, by value otherwise (NotImplemented)."""
+    segment = array._segment
+    if segment is not None and segment.owns_fd and _state.in_worker_process:
+        # A segment a worker created is freed once the task's result is
+        # sent, before the parent could map it: a plain copy goes instead,
+        # like any array (out of band when large).
+        return _plain_array, (np.ndarray.view(array, np.ndarray),)
     reference = array.shared_reference()
     if reference is None:
         return NotImplemented
     return _rebuild_shared, reference
+
+
+def _plain_array(array: np.ndarray) -> np.ndarray:
+    return array
 
 
 def _rebuild_shared(key: tuple[int, int, int, int], offset: int, shape: tuple[int, ...],
@@ -182,6 +206,11 @@ def _rebuild_shared(key: tuple[int, int, int, int], offset: int, shape: tuple[in
 
 def _lookup_segment(key: tuple[int, int, int, int]) -> _Segment:
     owner, fd, inode, size = key
+    if owner == os.getpid():
+        own = _own_segments.get(key)
+        if own is None:
+            raise RuntimeError("a shared array sent back to its owner no longer exists there")
+        return own
     cached = _attached.get(key)
     if cached is not None:
         _attached.move_to_end(key)

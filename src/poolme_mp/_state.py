@@ -21,6 +21,9 @@ class WorkerState(dict[str, Any]):
 
 worker_state = WorkerState()
 
+# True in a pool's worker processes (set as a worker starts).
+in_worker_process = False
+
 
 def _this_process_state() -> WorkerState:
     return worker_state

@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _arena, _codec, _dispatch
+from . import _arena, _codec, _dispatch, _state
 from . import _protocol as proto
 
 
@@ -516,6 +516,7 @@ def worker_main(config: WorkerConfig) -> None:
     # process its task started, and keeps a terminal's Ctrl-C (sent to the
     # foreground group) for the parent to handle.
     os.setpgid(0, 0)
+    _state.in_worker_process = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_owner(config.owner_pid)
     _line_buffer_standard_streams()
