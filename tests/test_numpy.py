@@ -730,12 +730,7 @@ def test_typed_result_stays_valid_after_shutdown(fork_pool):
     assert result[0] == 7.0
 
 
-@pytest.mark.parametrize("kind", ["plain", pytest.param("shared", marks=pytest.mark.xfail(
-    strict=True, reason=(
-        "with a SharedArray as out=, TypedSink.outcome() returns a new plain-ndarray "
-        "view of it (np.asarray(out).view(np.ndarray)) instead of the caller's array: "
-        "the data is written in place, but the returned object is not out and is no "
-        "longer a SharedArray"))), "2-d", "column"])
+@pytest.mark.parametrize("kind", ["plain", "shared", "2-d", "column"])
 def test_out_writes_into_the_callers_array_and_returns_it(fork_pool, kind):
     """out= writes every result into the caller's array (plain, shared,
     2-D, or a strided column view) and returns that very array."""

@@ -404,7 +404,8 @@ class TypedSink(ListSink):
         # it is referenced, like any array keeps its buffer.
         result = np.asarray(self.out).view(np.ndarray)
         if self.user_out is not None:
-            self.user_out[...] = self.out
+            if self.user_out is not self.out:
+                self.user_out[...] = self.out
             result = self.user_out
         if self.errors:
             errors = [self.errors[i] for i in sorted(self.errors)]

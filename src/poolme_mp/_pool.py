@@ -379,6 +379,7 @@ class WorkerPool(concurrent.futures.Executor):
                 raise ValueError(f"dtype {np.dtype(dtype)} differs from out's dtype {out.dtype}")
             if isinstance(out, SharedArray) and out.shared_reference() is not None:
                 sink.out = out
+                sink.user_out = out  # written in place: the call returns it as it is
             else:
                 sink.out = empty_shared(out.shape, out.dtype)
                 sink.user_out = out
