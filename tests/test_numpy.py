@@ -286,10 +286,6 @@ def test_small_buffers_round_trip_intact(fork_pool):
         assert same_buffer(result, task)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a memoryview below the out-of-band threshold falls through to cloudpickle's "
-    "memoryview reducer, which sends it as bytes: it arrives as bytes and loses its "
-    "format and shape"))
 def test_small_memoryview_round_trips_as_a_memoryview(fork_pool):
     """A small memoryview (in band) arrives as a memoryview with its format
     and shape, as task and as result."""
@@ -352,10 +348,6 @@ def test_computed_results_are_writable_arrays_owned_by_the_caller(fork_pool):
     assert np.array_equal(first[3][1:], np.full(OUT_OF_BAND // 8, 6.0))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the read-only flag of a worker's array travels with the pickle (protocol 5 "
-    "READONLY_BUFFER), so a large result that is the task's read-only input, or a "
-    "view of it, arrives read-only in the parent although it is a private copy"))
 def test_result_that_is_a_view_of_the_task_is_writable(fork_pool):
     """A large result that is the task's own (read-only) input array, or a
     slice of it, arrives in the parent as a writable array."""

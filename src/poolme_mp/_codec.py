@@ -35,8 +35,9 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import cloudpickle
 
@@ -101,9 +102,56 @@ def _reduce_buffer_like(obj: Any) -> Any:
         return _bytes_from_buffer, (pickle.PickleBuffer(obj.data),)
     if kind is bytearray and len(obj) >= OUT_OF_BAND_THRESHOLD:
         return _bytearray_from_buffer, (pickle.PickleBuffer(obj),)
-    if kind is memoryview and obj.nbytes >= OUT_OF_BAND_THRESHOLD and obj.c_contiguous:
-        return _memoryview_from_buffer, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+    if kind is memoryview:
+        if obj.nbytes >= OUT_OF_BAND_THRESHOLD and obj.c_contiguous:
+            return _memoryview_from_buffer, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+        # pickle cannot send a memoryview itself: its bytes go in band, in
+        # a bytearray when it was writable, and it is rebuilt with its
+        # format and shape.
+        data = obj.tobytes() if obj.readonly else bytearray(obj.tobytes())
+        return _memoryview_from_buffer, (data, obj.format, obj.shape)
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.flags.writeable:
+        return _reduce_read_only_array(obj)
     return NotImplemented
+
+
+def _reduce_read_only_array(array: Any) -> Any:
+    """A large read-only array (a worker's view of its task data) travels
+    like any array, but is rebuilt writable where the receiver's copy of
+    its data is private (see _array_from_buffer); the protocol-5 default
+    would carry the read-only flag along."""
+    if array.dtype.hasobject:
+        return NotImplemented
+    order: Literal["C", "F"]
+    if array.flags.c_contiguous:
+        order = "C"
+    elif array.flags.f_contiguous:
+        order = "F"
+    else:
+        return NotImplemented
+    if array.nbytes < OUT_OF_BAND_THRESHOLD:
+        # In band the data would travel as (immutable) bytes: a bytearray
+        # arrives as a private, writable copy.
+        data: Any = bytearray(array.tobytes(order=order))
+    else:
+        data = pickle.PickleBuffer(array)
+    return _array_from_buffer, (data, array.dtype, array.shape, order)
+
+
+def _array_from_buffer(buffer: Any, dtype: Any, shape: tuple[int, ...],
+                       order: Literal["C", "F"]) -> Any:
+    import numpy
+
+    view = memoryview(buffer)
+    if view.readonly:
+        # pickle marks a buffer that was read-only at the sender read-only
+        # here too.  When the object under it is writable it is this
+        # process's private copy (decode() hands out nothing else that
+        # is writable), so the array may be writable as well.
+        owner = memoryview(view.obj) if view.obj is not None else view
+        if not owner.readonly and owner.nbytes == view.nbytes:
+            view = owner
+    return numpy.frombuffer(view, dtype=dtype).reshape(shape, order=order)
 
 
 class _StdPickler(pickle.Pickler):
@@ -315,13 +363,25 @@ def decode(envelope: Any, writable: bool, arena: memoryview | None = None,
     n_ranges = n_buffers + (1 if main_in_spill else 0)
     ranges = [_RANGE.unpack_from(view, position + i * _RANGE.size) for i in range(n_ranges)]
     segment = map_spill(pid, fd, size, writable)
-    buffers = [segment[start:start + length] for start, length in ranges[:n_buffers]]
+    buffers = [_spilled_buffer(segment, start, length, writable)
+               for start, length in ranges[:n_buffers]]
     if main_in_spill:
         start, length = ranges[-1]
         main: Any = segment[start:start + length]
     else:
         main = view[position + n_ranges * _RANGE.size:]
     return pickle.loads(main, buffers=buffers)
+
+
+def _spilled_buffer(segment: memoryview, start: int, length: int, writable: bool) -> Any:
+    """One buffer of a mapped spill segment.  A writable mapping is ours
+    alone once mapped; handed out as a numpy view it is an object of its
+    own, so _array_from_buffer can see that it is writable."""
+    piece = segment[start:start + length]
+    numpy = sys.modules.get("numpy")
+    if writable and numpy is not None:
+        return numpy.frombuffer(piece, dtype=numpy.uint8)
+    return piece
 
 
 def arena_region(envelope: Any) -> tuple[int, int] | None:

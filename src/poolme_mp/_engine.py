@@ -946,7 +946,13 @@ class Engine:
         """Work stealing: a frame queued behind one that runs far longer
         than expected is asked back, so an idle worker can run its tasks.
         The worker skips it only if it has not started it; either way its
-        tasks run exactly once."""
+        tasks run exactly once.
+
+        Not under a rate limiter: the queued tasks were given their permits
+        when sent, and sending them again would take a second permit each.
+        """
+        if self.options.rate_limiter is not None:
+            return
         workers = [h for h in self.workers if h is not None and h.kill_reason is None]
         if not any(not h.frames and not h.stopping for h in workers):
             return
