@@ -535,3 +535,71 @@ def test_blocking_call_from_an_input_iterator_of_the_same_pool_fails_clearly() -
         assert isinstance(caught.value.__cause__, RuntimeError)
         assert "engine thread" in str(caught.value.__cause__)
         assert pool.process(square, [2], timeout=WAIT) == [4]
+
+
+@pytest.mark.parametrize("api", ["dtype", "process_map"])
+def test_calls_that_read_their_input_first_honour_timeout_and_wrap_input_errors(api: str) -> None:
+    """dtype= and process_map over pairs read the whole input before they
+    start: what the input raises is the call's TaskError, and the timeout
+    counts while it is read, so an endless input cannot run forever."""
+    np = pytest.importorskip("numpy")
+
+    def run(tasks: Any, **options: Any) -> Any:
+        if api == "dtype":
+            return pool.process(square, tasks, dtype=np.int64, **options)
+        return pool.process_map(square, ((f"k{x}", x) for x in tasks), **options)
+
+    def broken():
+        yield 1
+        yield 2
+        raise OSError("input broke")
+
+    with WorkerPool(2, start_method="fork") as pool:
+        with pytest.raises(TaskError) as caught:
+            run(broken())
+        assert isinstance(caught.value.__cause__, OSError) and caught.value.index == 2
+        begin = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            run(itertools.count(), timeout=0.5)
+        assert time.monotonic() - begin < 5.0
+        assert list(run(iter([1, 2, 3]), timeout=WAIT).values() if api == "process_map"
+                    else run(iter([1, 2, 3]), timeout=WAIT)) == [1, 4, 9]
+
+
+def test_dtype_call_does_not_trust_a_wrong_len() -> None:
+    """An input whose __len__ is wrong gives exactly its items' results."""
+    np = pytest.importorskip("numpy")
+
+    class Liar:
+        def __init__(self, items: list[int], claimed: int) -> None:
+            self.items, self.claimed = items, claimed
+
+        def __len__(self) -> int:
+            return self.claimed
+
+        def __iter__(self):
+            return iter(self.items)
+
+    with WorkerPool(2, start_method="fork") as pool:
+        assert pool.process(square, Liar([1, 2, 3], 10), dtype=np.int64, timeout=WAIT).tolist() == [1, 4, 9]
+        assert pool.process(square, Liar(list(range(10)), 3), dtype=np.int64,
+                            timeout=WAIT).tolist() == [x * x for x in range(10)]
+
+
+def test_shutdown_from_a_done_callback_does_not_hang() -> None:
+    """shutdown(wait=True) from a future's done callback (which runs on the
+    pool's engine thread) returns instead of waiting on itself."""
+    pool = WorkerPool(2, start_method="fork")
+    returned = threading.Event()
+
+    def stop(_: Any) -> None:
+        pool.shutdown(wait=True)
+        returned.set()
+
+    future = pool.submit(square, 3)
+    future.add_done_callback(stop)
+    assert future.result(timeout=WAIT) == 9
+    assert returned.wait(WAIT)
+    with pytest.raises(PoolClosedError):
+        pool.submit(square, 1)
+    pool.shutdown(wait=True)

@@ -1019,3 +1019,21 @@ def test_shared_array_returned_by_a_task_is_the_same_memory(fork_pool):
     assert table[5] == 42
     table[6] = 7
     assert back[6] == 7
+
+
+@pytest.mark.parametrize("dtype, count", [("float16", 4), ("complex128", 4), ("complex64", 100_000),
+                                          ("int32", 0), ("float64", 0),
+                                          ([("a", "i4"), ("b", "f8")], 3)],
+                         ids=["float16", "complex128", "complex64-large", "empty-int32",
+                              "empty-float64", "structured"])
+def test_memoryviews_of_any_numpy_format_round_trip(fork_pool, dtype, count):
+    """Memoryviews of arrays whose format memoryview.cast cannot make
+    (float16, complex, structs) and empty ones arrive with format, shape
+    and bytes intact, as tasks and as results."""
+    view = memoryview(np.ones(count, dtype=dtype))
+    back = fork_pool.process(identity, [view], timeout=T)[0]
+    made = fork_pool.process(lambda spec: memoryview(np.ones(spec[1], dtype=spec[0])),
+                             [(dtype, count)], timeout=T)[0]
+    for got in (back, made):
+        assert isinstance(got, memoryview)
+        assert (got.format, got.shape, got.tobytes()) == (view.format, view.shape, view.tobytes())

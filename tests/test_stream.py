@@ -491,3 +491,34 @@ def test_stream_over_a_1d_array_hands_out_python_scalars_like_process() -> None:
         rows = list(pool.process_stream(lambda row: (type(row).__name__, row.tolist()),
                                         np.arange(6).reshape(3, 2), timeout=30))
         assert rows == [("ndarray", [0, 1]), ("ndarray", [2, 3]), ("ndarray", [4, 5])]
+
+
+def test_continue_on_error_reports_the_input_failure_with_the_task_failures() -> None:
+    """With continue_on_error, an input that raises joins the task failures
+    in one TaskErrorGroup, in its place after them; the successes read
+    before it are all delivered (stream) or kept in .results (process)."""
+    def rows():
+        for i in range(20):
+            if i == 10:
+                raise OSError("at 10")
+            yield i
+
+    def fails_on_1_mod_4(x: int) -> int:
+        if x % 4 == 1:
+            raise ValueError(x)
+        return x * x
+
+    with WorkerPool(2, start_method="fork") as pool:
+        got = []
+        with pytest.raises(TaskErrorGroup) as caught:
+            for value in pool.process_stream(fails_on_1_mod_4, rows(), continue_on_error=True,
+                                             timeout=30):
+                got.append(value)
+        assert got == [x * x for x in range(10) if x % 4 != 1]
+        assert [e.index for e in caught.value.exceptions] == [1, 5, 9, 10]
+        assert isinstance(caught.value.exceptions[-1].__cause__, OSError)
+        with pytest.raises(TaskErrorGroup) as caught:
+            pool.process(fails_on_1_mod_4, rows(), continue_on_error=True, timeout=30)
+        assert [e.index for e in caught.value.exceptions] == [1, 5, 9, 10]
+        assert [r for r in caught.value.results if not isinstance(r, TaskError)] == [
+            x * x for x in range(10) if x % 4 != 1]

@@ -82,11 +82,32 @@ def _bytearray_from_buffer(buffer: Any) -> bytearray:
     return bytearray(buffer)
 
 
-def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...],
+                            dtype: Any = None) -> memoryview:
+    """The memoryview that was sent: buffer's bytes with its format and
+    shape.  dtype (numpy's, when the view was of an array) rebuilds the
+    formats memoryview.cast cannot make (float16, complex, structs) and
+    empty views, which cast refuses."""
     view = memoryview(buffer)
-    if view.format != fmt or view.shape != shape:
-        view = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
-    return view
+    if view.format == fmt and view.shape == shape:
+        return view
+    try:
+        return view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        if dtype is None:
+            raise
+    import numpy
+
+    return memoryview(numpy.frombuffer(view.cast("B"), dtype=dtype).reshape(shape))
+
+
+def _numpy_dtype_of(view: memoryview) -> Any:
+    """The numpy dtype behind a memoryview of an array, if there is one."""
+    owner = view.obj
+    dtype = getattr(owner, "dtype", None)
+    if dtype is not None and type(owner).__module__ == "numpy" and dtype.itemsize == view.itemsize:
+        return dtype
+    return None
 
 
 def _reduce_buffer_like(obj: Any) -> Any:
@@ -103,13 +124,14 @@ def _reduce_buffer_like(obj: Any) -> Any:
     if kind is bytearray and len(obj) >= OUT_OF_BAND_THRESHOLD:
         return _bytearray_from_buffer, (pickle.PickleBuffer(obj),)
     if kind is memoryview:
+        dtype = _numpy_dtype_of(obj)
         if obj.nbytes >= OUT_OF_BAND_THRESHOLD and obj.c_contiguous:
-            return _memoryview_from_buffer, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+            return _memoryview_from_buffer, (pickle.PickleBuffer(obj), obj.format, obj.shape, dtype)
         # pickle cannot send a memoryview itself: its bytes go in band, in
         # a bytearray when it was writable, and it is rebuilt with its
         # format and shape.
         data = obj.tobytes() if obj.readonly else bytearray(obj.tobytes())
-        return _memoryview_from_buffer, (data, obj.format, obj.shape)
+        return _memoryview_from_buffer, (data, obj.format, obj.shape, dtype)
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.flags.writeable:
         return _reduce_read_only_array(obj)
     return NotImplemented

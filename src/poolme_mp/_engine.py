@@ -859,7 +859,14 @@ class Engine:
         if not call.done and call.finished():
             call.done = True
             self.active.pop(call.id, None)
-            call.sink.finish(call.input_error)
+            failure = call.input_error
+            if (isinstance(failure, TaskError) and not call.stop_on_error
+                    and not getattr(call.sink, "return_exceptions", False)):
+                # continue_on_error: the input's failure is reported in the
+                # group with the tasks' own, in its place after them.
+                call.sink.fail(call.next_index, failure)
+                failure = None
+            call.sink.finish(failure)
 
     def _fail_all(self, failure: BaseException) -> None:
         for call in list(self.active.values()):

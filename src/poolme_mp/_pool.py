@@ -42,6 +42,7 @@ from ._dispatch import ResultStream
 from ._engine import Engine, EngineOptions, terminate_all
 from ._errors import (
     CallCancelledError,
+    CallTimeoutError,
     PoolClosedError,
     PoolError,
     TaskError,
@@ -226,6 +227,8 @@ class WorkerPool(concurrent.futures.Executor):
 
         cancel_futures=True cancels submitted futures that have not started.
         wait=False returns at once; the workers stop in the background.
+        Called from the pool's own engine thread (a future's done callback,
+        a parent-side callback), it never waits: it would wait on itself.
         """
         with self._lock:
             self._shut_down = True
@@ -233,7 +236,7 @@ class WorkerPool(concurrent.futures.Executor):
         if engine is None:
             return
         engine.close(cancel_futures)
-        if wait:
+        if wait and threading.current_thread() is not engine.thread:
             _wait_interruptibly(lambda t: engine.join(t), engine.terminate)
 
     def terminate(self) -> None:
@@ -366,8 +369,10 @@ class WorkerPool(concurrent.futures.Executor):
         if return_exceptions:
             raise ValueError("return_exceptions cannot be combined with dtype= or out=: "
                              "a numpy array cannot hold the errors")
-        if _length_of(tasks) is None:
-            tasks = list(tasks)
+        if not isinstance(tasks, (list, tuple, range, np.ndarray)):
+            # The output array is made to the input's length, so the input
+            # is read first (a __len__ may be wrong; the items are not).
+            tasks = _read_input(tasks, timeout, cancel)
         length = len(tasks)
         sink = TypedSink(length, dtype=np.dtype(dtype) if dtype is not None else None, out=None,
                          progress=_progress_bar(progress, length))
@@ -398,7 +403,7 @@ class WorkerPool(concurrent.futures.Executor):
         if isinstance(mapping, Mapping):
             keys, values = list(mapping.keys()), list(mapping.values())
         else:
-            pairs = list(_check_iterable("mapping", mapping))
+            pairs = _read_input(_check_iterable("mapping", mapping), timeout, cancel)
             if any(not isinstance(p, tuple) or len(p) != 2 for p in pairs):
                 raise TypeError("mapping must be a Mapping or an iterable of (key, value) pairs")
             keys, values = [k for k, _ in pairs], [v for _, v in pairs]
@@ -673,6 +678,35 @@ def _as_task_source(tasks: Any) -> Any:
 
         return SharedRows(tasks)
     return tasks
+
+
+def _read_input(tasks: Iterable[Any], timeout: float | None,
+                cancel: threading.Event | None) -> list[Any]:
+    """Read a call's whole input in the calling thread, for calls that
+    need it all before they start (dtype= output, keys of process_map).
+
+    The call's timeout and cancel token apply from here on, checked
+    between items (an item the iterator is still producing is waited
+    for); what the iterator raises becomes the call's TaskError.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    items: list[Any] = []
+    iterator = iter(tasks)
+    while True:
+        before = len(items)
+        try:
+            items.extend(itertools.islice(iterator, 256))
+        except Exception as exc:
+            error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
+                              f"(after {len(items)} tasks had been read)", index=len(items))
+            raise error from exc
+        if len(items) - before < 256:
+            return items
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CallTimeoutError(f"the call did not finish within timeout={timeout}s: "
+                                   f"its input was still being read ({len(items)} tasks so far)")
+        if cancel is not None and cancel.is_set():
+            raise CallCancelledError("the call's cancel token was set while its input was read")
 
 
 def _as_stream_source(tasks: Any) -> Any:

@@ -209,7 +209,10 @@ def _lookup_segment(key: tuple[int, int, int, int]) -> _Segment:
     if owner == os.getpid():
         own = _own_segments.get(key)
         if own is None:
-            raise RuntimeError("a shared array sent back to its owner no longer exists there")
+            raise RuntimeError(
+                "a shared array came back to the process that created it, which has "
+                "dropped it since (its memory is freed with the creator's last reference): "
+                "keep a reference while tasks may return it, or return a copy (np.array(a))")
         return own
     cached = _attached.get(key)
     if cached is not None:
