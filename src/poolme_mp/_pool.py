@@ -369,7 +369,7 @@ class WorkerPool(concurrent.futures.Executor):
         if return_exceptions:
             raise ValueError("return_exceptions cannot be combined with dtype= or out=: "
                              "a numpy array cannot hold the errors")
-        if not isinstance(tasks, (list, tuple, range, np.ndarray)):
+        if not isinstance(tasks, (list, tuple, range)) and not hasattr(tasks, "row_blocks"):
             # The output array is made to the input's length, so the input
             # is read first (a __len__ may be wrong; the items are not).
             tasks = _read_input(tasks, timeout, cancel)
