@@ -92,13 +92,15 @@ def _memoryview_from_buffer(buffer: Any, fmt: str, shape: tuple[int, ...],
     if view.format == fmt and view.shape == shape:
         return view
     try:
-        return view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
+        rebuilt: memoryview = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
+        return rebuilt
     except (TypeError, ValueError):
         if dtype is None:
             raise
     import numpy
 
-    return memoryview(numpy.frombuffer(view.cast("B"), dtype=dtype).reshape(shape))
+    array: Any = numpy.frombuffer(view.cast("B"), dtype=dtype).reshape(shape)
+    return memoryview(array)
 
 
 def _numpy_dtype_of(view: memoryview) -> Any:

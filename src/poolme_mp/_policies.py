@@ -76,6 +76,18 @@ class RateLimiter(Protocol):
     def try_acquire(self) -> float: ...
 
 
+def pool_retry_policy(retry: RetryPolicy | None, max_attempts: int, initial_delay: float,
+                      max_delay: float, multiplier: float, jitter: float,
+                      retry_on: RetryOn) -> RetryPolicy:
+    """A pool's retry policy: retry= if given, else one made of the
+    separate retry options (which are then checked)."""
+    if retry is None:
+        return RetryPolicy(max_attempts, initial_delay, max_delay, multiplier, jitter, retry_on)
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+    return retry
+
+
 class TokenBucket:
     """rate permits per second, with up to burst granted at once.
 

@@ -55,6 +55,7 @@ from ._policies import (
     TokenBucket,
     check_int,
     check_number,
+    pool_retry_policy,
 )
 
 T = TypeVar("T")
@@ -151,10 +152,8 @@ class WorkerPool(concurrent.futures.Executor):
             raise ValueError(
                 f"start_method must be one of {multiprocessing.get_all_start_methods()}, "
                 f"got {start_method!r}")
-        if retry is None:
-            retry = RetryPolicy(max_attempts, initial_delay, max_delay, multiplier, jitter, retry_on)
-        elif not isinstance(retry, RetryPolicy):
-            raise TypeError(f"retry must be a RetryPolicy, got {retry!r}")
+        retry = pool_retry_policy(retry, max_attempts, initial_delay, max_delay, multiplier,
+                                  jitter, retry_on)
         _check_timeout("task_timeout", task_timeout)
         if rate_limit is not None and rate_limiter is not None:
             raise ValueError("rate_limit and rate_limiter are exclusive: pass one")
