@@ -1134,3 +1134,23 @@ def test_concurrent_same_function_different_data(fork_pool):
     for k in range(4):
         start = k * 10_000
         assert outcome[start] == [x * x for x in range(start, start + 2000)]
+
+
+def test_waking_a_shut_down_pool_never_writes_into_a_reused_descriptor():
+    """Threads may still nudge a pool's engine after it shut down (a stream
+    dropped late calls abort()); the descriptor numbers it closed are soon
+    reused by other files, which must never receive its doorbell's bytes."""
+    pool = WorkerPool(1, start_method="fork")
+    assert pool.process(abs, [-1], timeout=T) == [1]
+    engine = pool._engine
+    pool.shutdown()
+    # New files take the lowest free numbers: those the engine just closed.
+    files = [os.memfd_create(f"probe-{k}") for k in range(8)]
+    try:
+        engine.wake()
+        engine.abort(None, None)  # what a dropped stream does
+        for fd in files:
+            assert os.fstat(fd).st_size == 0, "the engine wrote into a reused descriptor"
+    finally:
+        for fd in files:
+            os.close(fd)

@@ -192,6 +192,10 @@ class Engine:
         self.inline_limit = self.region.max_payload() // 2
         self.result_doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Other threads ring the wakeup doorbell (a stream dropped late, a
+        # shutdown) possibly after teardown closed it; the lock and the -1
+        # make sure they never write into whatever file reuses its number.
+        self.wakeup_lock = threading.Lock()
         self.hooks = (
             _codec.dumps_function(options.on_worker_start) if options.on_worker_start else None,
             _codec.dumps_function(options.on_worker_stop) if options.on_worker_stop else None,
@@ -260,10 +264,9 @@ class Engine:
         self.wake()
 
     def wake(self) -> None:
-        try:
-            _dispatch.ring_doorbell(self.wakeup)
-        except OSError:
-            pass  # already torn down
+        with self.wakeup_lock:
+            if self.wakeup >= 0:
+                _dispatch.ring_doorbell(self.wakeup)
 
     def join(self, timeout: float | None) -> bool:
         if not self.thread.is_alive() and not self.stopped.is_set():
@@ -1261,11 +1264,11 @@ class Engine:
             pass  # a view is still alive; the mapping goes with the object
         for arenas in self.arenas:
             arenas.close()
-        for fd in (self.region_fd, self.result_doorbell, self.wakeup):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in (self.region_fd, self.result_doorbell):
+            os.close(fd)
+        with self.wakeup_lock:
+            os.close(self.wakeup)
+            self.wakeup = -1
         _live_engines.discard(self)
         self.stopped.set()
 
