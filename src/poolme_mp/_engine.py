@@ -1166,6 +1166,12 @@ class Engine:
         Returns the envelope parts, or None when nothing is left to send.
         """
         payload: Any
+        if type(frame.tasks) is list and not frame.typed:
+            # Plain numbers (the common tiny task) pack as they are: no copy
+            # of the list and no scan for large bytes first.
+            packed = _dispatch.pack_numbers(frame.tasks, self.inline_limit)
+            if packed is not None:
+                return [packed]
         if type(frame.tasks) is range or hasattr(frame.tasks, "as_tasks"):
             payload = frame.tasks
         else:

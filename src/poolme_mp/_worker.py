@@ -362,6 +362,9 @@ class Worker:
                        inline_limit: int) -> tuple[list[Any], _codec.Spill | None]:
         """Encode the results; a result that cannot be pickled becomes an
         error of its own task and the others still go through."""
+        packed = _dispatch.pack_numbers(results, inline_limit)
+        if packed is not None:
+            return [packed], None
         _codec.mark_large_bytes(results)
         try:
             parts, spill, _ = _codec.encode(results, inline_limit, self.result_arena)
