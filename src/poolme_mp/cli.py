@@ -224,9 +224,10 @@ def build_report(
         "figures": [figure.as_dict() for figure in figures],
         "startup": [m.as_dict() for m in startup],
         "legend": (
-            "speedup_vs_serial and speed_vs_best_stdlib are reference seconds "
-            "divided by this runner's seconds: above 1 means faster; best "
-            "stdlib is the faster of mp.Pool and ProcessPoolExecutor."
+            "x serial (speedup_vs_serial in --json) and x best stdlib "
+            "(speed_vs_best_stdlib) are reference seconds divided by this "
+            "runner's seconds: above 1 means faster; best stdlib is the faster "
+            "of mp.Pool and ProcessPoolExecutor."
         ),
         "figures_note": FIGURES_NOTE,
         "startup_note": (
