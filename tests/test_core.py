@@ -634,27 +634,14 @@ def test_process_map_none_and_falsy_values(fork_pool):
 
 @pytest.mark.parametrize(
     "bad",
-    [5, None, 3.5, "ab", b"ab", object()],
-    ids=["int", "None", "float", "str", "bytes", "object"],
+    [5, None, 3.5, "ab", b"ab", object(),
+     [("a", 1), ("b", 2, 3)], [1, 2], [("a",)], ["ab"]],
+    ids=["int", "None", "float", "str", "bytes", "object",
+         "triple", "scalars", "single", "strings"],
 )
-def test_process_map_rejects_non_iterables_naming_mapping(bad):
-    """process_map with a non-iterable or a string raises TypeError naming 'mapping'."""
-    p = WorkerPool(2, start_method="fork")
-    try:
-        with pytest.raises(TypeError) as info:
-            p.process_map(square, bad)
-        assert str(info.value).startswith("mapping")
-    finally:
-        p.shutdown()
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [[("a", 1), ("b", 2, 3)], [1, 2], [("a",)], ["ab"]],
-    ids=["triple", "scalars", "single", "strings"],
-)
-def test_process_map_rejects_non_pairs_naming_mapping(bad):
-    """process_map with items that are not (key, value) tuples raises TypeError naming 'mapping'."""
+def test_process_map_rejects_what_is_not_a_mapping_naming_mapping(bad):
+    """process_map with a non-iterable, a string, or items that are not
+    (key, value) tuples raises TypeError naming 'mapping'."""
     p = WorkerPool(2, start_method="fork")
     try:
         with pytest.raises(TypeError) as info:
