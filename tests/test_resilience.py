@@ -894,3 +894,19 @@ def test_huge_log_record_is_cut_short_not_fatal() -> None:
         assert message.startswith("start-zzz") and message.endswith("zzz-end")
         assert "characters cut" in message
         assert len(message) < 3_000_000
+
+
+def test_on_task_start_announces_a_task_once_when_its_frame_is_taken_back(tmp_path: Path) -> None:
+    """Tasks of a frame taken back from a stuck worker go out again, but
+    on_task_start reports each task once: it never started the first time."""
+    import functools
+
+    starts: list[int] = []
+    count = 2000
+    with WorkerPool(2, start_method="fork", on_task_start=starts.append) as pool:
+        pool.process(functools.partial(_slow_head, os.devnull), range(1, 200), timeout=30)
+        starts.clear()
+        results = pool.process(functools.partial(_slow_head, str(tmp_path / "ran.log")),
+                               range(count), timeout=30)
+    assert [index for index, _ in results] == list(range(count))
+    assert sorted(starts) == list(range(count))

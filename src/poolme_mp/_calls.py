@@ -103,6 +103,9 @@ class Call:
         # data arena.
         self.bytes_per_task = 0
         self.probing = False
+        # Indices announced to on_task_start whose frame came back unstarted
+        # (taken back for another worker, or queued behind a crash).
+        self.announced_unstarted: set[int] = set()
 
     # -- deadlines ------------------------------------------------------
 

@@ -467,6 +467,7 @@ class Engine:
             started = position == 0 and seq == frame.seq and phase in (
                 _dispatch.PHASE_DECODING, _dispatch.PHASE_RUNNING, _dispatch.PHASE_ENCODING)
             if not started:
+                self._sent_back_unstarted(frame)
                 self._requeue(call, frame.pending_from())
             elif phase == _dispatch.PHASE_RUNNING and 0 <= offset < len(frame.tasks):
                 self._blame_task(handle, frame, offset, exitcode)
@@ -987,6 +988,7 @@ class Engine:
         call = frame.call
         call.in_flight -= len(frame.tasks)
         if not call.done:
+            self._sent_back_unstarted(frame)
             self._requeue(call, frame.pending_from())
 
     def _dispatch(self) -> None:
@@ -1146,8 +1148,18 @@ class Engine:
             # its replacement starts when it is gone.
             self._send_stop(handle)
         if self.options.on_task_start is not None:
+            unstarted = call.announced_unstarted
             for index in frame.indices:
+                if index in unstarted:
+                    unstarted.discard(index)  # announced when first sent
+                    continue
                 self._callback(call, self.options.on_task_start, self._task_ref(call, index))
+
+    def _sent_back_unstarted(self, frame: Frame) -> None:
+        """A frame a worker never started goes out again: its tasks were
+        announced to on_task_start already, and are not announced twice."""
+        if self.options.on_task_start is not None:
+            frame.call.announced_unstarted.update(frame.indices)
 
     def _remember_function(self, handle: WorkerHandle, fn_id: int, known: bool) -> None:
         # Mirrors the worker's cache exactly (same size, same order of use),
