@@ -659,3 +659,61 @@ def test_worker_killed_from_outside_gives_clear_error(tmp_path: Path) -> None:
         assert isinstance(error, WorkerCrashedError)
         Path(tmp_path, "release").touch()
         assert pool.process(square, [4, 5], timeout=WAIT) == [16, 25]
+
+
+_TEST_PROCESS = os.getpid()
+
+
+def _fail_outside_the_test_process(pid: int) -> int:
+    if pid != _TEST_PROCESS and os.getpid() != _TEST_PROCESS:
+        raise RuntimeError("this argument cannot be unpickled in a worker")
+    return pid
+
+
+class ArgumentForTheClientOnly:
+    """Pickles here, but fails to unpickle in a dask worker."""
+
+    def __reduce__(self) -> Any:
+        return _fail_outside_the_test_process, (0,)
+
+
+def _unpickling_fails(_: Any = None) -> None:
+    raise RuntimeError("this result cannot be unpickled here")
+
+
+class ResultForTheWorkerOnly:
+    """Pickles in the worker, but fails to unpickle on the client."""
+
+    def __reduce__(self) -> Any:
+        return _unpickling_fails, ()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def make_unreadable_result(_: Any) -> Any:
+    return ResultForTheWorkerOnly()
+
+
+def test_argument_that_does_not_unpickle_in_the_worker_fails_alone(client: Any) -> None:
+    """One argument a worker cannot unpickle fails only its own task, as
+    TaskSerializationError(direction="task"); the rest of its batch runs."""
+    with DaskPool(client, chunksize=5) as pool:
+        results = pool.process(identity, [1, 2, ArgumentForTheClientOnly(), 4, 5],
+                               return_exceptions=True, timeout=60)
+        assert [results[i] for i in (0, 1, 3, 4)] == [1, 2, 4, 5]
+        error = results[2]
+        assert type(error) is TaskSerializationError and error.direction == "task"
+        assert error.index == 2
+        failure = pool.submit(identity, ArgumentForTheClientOnly()).exception(timeout=60)
+        assert type(failure) is TaskSerializationError and failure.direction == "task"
+
+
+def test_submitted_result_that_does_not_unpickle_is_a_serialization_error(pool: DaskPool) -> None:
+    """A submitted task whose result cannot be unpickled on the client fails
+    with TaskSerializationError(direction="result"), and the pool goes on."""
+    failure = pool.submit(make_unreadable_result, 0).exception(timeout=60)
+    assert type(failure) is TaskSerializationError and failure.direction == "result"
+    assert isinstance(failure.__cause__, RuntimeError)
+    assert pool.submit(square, 4).result(timeout=60) == 16

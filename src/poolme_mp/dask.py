@@ -28,6 +28,7 @@ dask task calls _run_batch from here.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import heapq
 import itertools
@@ -93,6 +94,9 @@ _MAX_AUTO_BATCH = 10_000
 # Dask tasks kept submitted per worker thread: one running and one queued,
 # so a worker never waits for a round trip between batches.
 _TASKS_PER_THREAD = 2
+# Fetches of a finished task's result that may fail inside distributed
+# in one call before the call gives up (see _CallRunner._settle_finished).
+_MAX_REFETCH_FAILURES = 5
 # The caller's waits are slices this long, so timeouts, cancel tokens and
 # Ctrl-C are seen promptly.
 _WAIT_SLICE = 0.1
@@ -138,10 +142,23 @@ def _run_batch(fn_blob: bytes, items_blob: bytes, mode: str) -> tuple[int, float
     """
     begin = time.perf_counter()
     fn = _load_function(fn_blob)
-    items = pickle.loads(items_blob)
+    try:
+        items = pickle.loads(items_blob)
+    except Exception as exc:
+        # Some argument does not unpickle here.  The items travel as one
+        # pickle, so the client splits the batch to find which.
+        unreadable = cloudpickle.dumps(_ArgumentsUnreadable(_error_record(exc, "task")))
+        return os.getpid(), time.perf_counter() - begin, unreadable
     outcomes = [_run_item(fn, item, mode) for item in items]
     blob = _dump_outcomes(outcomes)
     return os.getpid(), time.perf_counter() - begin, blob
+
+
+class _ArgumentsUnreadable:
+    """What a batch returns when its arguments do not unpickle: the error."""
+
+    def __init__(self, record: tuple[Any, ...]) -> None:
+        self.record = record
 
 
 def _run_item(fn: Callable[..., Any], item: Any, mode: str) -> tuple[bool, Any]:
@@ -277,6 +294,7 @@ class _CallRunner:
         # Outcomes of tasks that failed before reaching the cluster.
         self.failed_unsent: deque[Outcome] = deque()
         self.closed = False
+        self.refetch_failures = 0
         self.threads = pool._total_threads()
         self.max_in_flight = max(2, _TASKS_PER_THREAD * self.threads)
         self.sizer = _BatchSizer(pool.chunksize, self.threads)
@@ -483,6 +501,17 @@ class _CallRunner:
         except TimeoutError:
             self._check_expiry()
             raise
+        except (Exception, asyncio.CancelledError):
+            # The task finished, but fetching its result failed inside
+            # distributed (seen when a cancel of other keys races with it):
+            # run the batch again, a few times at most per call.
+            self.refetch_failures += 1
+            if self.refetch_failures > _MAX_REFETCH_FAILURES:
+                raise
+            for item in items:
+                item.attempts -= 1
+            self.pending.extendleft(reversed(items))
+            return
         self.sizer.measured(seconds, len(items))
         try:
             outcomes = pickle.loads(blob)
@@ -494,6 +523,12 @@ class _CallRunner:
                 items[0], TaskSerializationError, "its result could not be unpickled "
                 f"here: {type(exc).__name__}: {exc}", exc, direction="result",
                 worker_pid=pid))
+            return
+        if isinstance(outcomes, _ArgumentsUnreadable):
+            if len(items) > 1:
+                self._suspect(items)  # split, to find whose argument fails
+                return
+            yield from self._failed(items[0], self._task_error(items[0], outcomes.record, pid))
             return
         for item, (ok, value) in zip(items, outcomes, strict=True):
             if ok:
@@ -574,6 +609,10 @@ class _CallRunner:
                                f"pickled in the worker to travel back: {type_name}: {message}",
                                cause, worker_pid=pid, remote_traceback=text,
                                direction="result")
+        if direction == "task":
+            return self._error(item, TaskSerializationError, "its argument could not be "
+                               f"unpickled in the worker: {type_name}: {message}",
+                               cause, worker_pid=pid, remote_traceback=text, direction="task")
         tries = f" after {item.attempts} attempts" if item.attempts > 1 else ""
         return self._error(item, TaskError, f"failed{tries}: {type_name}: {message}", cause,
                            worker_pid=pid, remote_traceback=text)
@@ -793,7 +832,24 @@ class _SubmittedTask:
     def _resolve(self, dask_future: Any) -> None:
         if dask_future.status == "finished":
             pid, _, blob = dask_future.result(timeout=60)
-            ok, value = pickle.loads(blob)[0]
+            try:
+                outcomes = pickle.loads(blob)
+            except Exception as unpickling:
+                # Its traceback would hold this frame, and with it the dask
+                # future, on the cluster for as long as the error is kept.
+                unpickling.__traceback__ = None
+                self._fail(TaskSerializationError, "its result could not be unpickled here: "
+                           f"{type(unpickling).__name__}: {unpickling}", unpickling,
+                           worker_pid=pid, direction="result")
+                return
+            if isinstance(outcomes, _ArgumentsUnreadable):
+                sent, type_name, message, text, _ = outcomes.record
+                cause = sent if sent is not None else RemoteError(type_name, message, text)
+                self._fail(TaskSerializationError, "its arguments could not be unpickled in "
+                           f"the worker: {type_name}: {message}", cause, worker_pid=pid,
+                           remote_traceback=text, direction="task")
+                return
+            ok, value = outcomes[0]
             if ok:
                 self.future.set_result(value)
                 return
