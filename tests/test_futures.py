@@ -603,3 +603,23 @@ def test_shutdown_from_a_done_callback_does_not_hang() -> None:
     with pytest.raises(PoolClosedError):
         pool.submit(square, 1)
     pool.shutdown(wait=True)
+
+
+def test_time_spent_reading_the_input_counts_against_the_timeout() -> None:
+    """process_map over slow pairs: the timeout runs from the call, not
+    again from the end of reading, so the call ends near timeout=."""
+    def slow_pairs():
+        for key in range(2):
+            time.sleep(0.4)
+            yield key, 5.0  # each task would sleep 5 s
+
+    with WorkerPool(2, start_method="fork") as pool:
+        begin = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            pool.process_map(sleep_then_return_value, slow_pairs(), timeout=1.0)
+        assert time.monotonic() - begin < 1.0 + 0.8  # reading (0.8 s) is not added again
+
+
+def sleep_then_return_value(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds

@@ -368,6 +368,7 @@ class WorkerPool(concurrent.futures.Executor):
         if return_exceptions:
             raise ValueError("return_exceptions cannot be combined with dtype= or out=: "
                              "a numpy array cannot hold the errors")
+        started = time.monotonic()
         if not isinstance(tasks, (list, tuple, range)) and not hasattr(tasks, "row_blocks"):
             # The output array is made to the input's length, so the input
             # is read first (a __len__ may be wrong; the items are not).
@@ -390,6 +391,7 @@ class WorkerPool(concurrent.futures.Executor):
         call = self._call(fn, tasks, mode=_dispatch.MODE_MAP, sink=sink, length=length,
                           retry=retry, continue_on_error=continue_on_error,
                           return_exceptions=False, timeout=timeout, cancel=cancel)
+        _count_timeout_from(call, started)
         return self._run_batch(call, sink)
 
     def process_map(self, fn: Callable[[T], R], mapping: Mapping[K, T] | Iterable[tuple[K, T]], *,
@@ -399,6 +401,7 @@ class WorkerPool(concurrent.futures.Executor):
                     progress: bool = False) -> dict[K, R]:
         """Run fn on every value; a dict with the same keys, in the same
         order.  Errors follow process(); a TaskError names its key."""
+        started = time.monotonic()
         if isinstance(mapping, Mapping):
             keys, values = list(mapping.keys()), list(mapping.values())
         else:
@@ -417,6 +420,7 @@ class WorkerPool(concurrent.futures.Executor):
                           retry=retry, continue_on_error=continue_on_error,
                           return_exceptions=return_exceptions, timeout=timeout, cancel=cancel,
                           keys=keys)
+        _count_timeout_from(call, started)
         try:
             results = self._run_batch(call, sink)
         except TaskErrorGroup as group:
@@ -677,6 +681,13 @@ def _as_task_source(tasks: Any) -> Any:
 
         return SharedRows(tasks)
     return tasks
+
+
+def _count_timeout_from(call: Call, started: float) -> None:
+    """A call's timeout runs from when the call was made, so time spent
+    reading its input first is not given twice."""
+    if call.timeout is not None:
+        call.deadline = started + call.timeout
 
 
 def _read_input(tasks: Iterable[Any], timeout: float | None,
