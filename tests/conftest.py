@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -50,6 +51,16 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+# A task (run in workers, under every start method: this module is
+# importable there, like the test modules).
+def mark_then_sleep(item: tuple[str, int, float]) -> int:
+    """Record that this task started (file holds the pid), then sleep."""
+    directory, index, seconds = item
+    Path(directory, f"started-{index}").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return index
 
 
 def check_usable(pool: Any, within: float = 10.0) -> None:

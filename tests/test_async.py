@@ -7,14 +7,13 @@ directory the test owns.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import check_usable
+from conftest import check_usable, mark_then_sleep
 
 from poolme_mp import TaskError, TaskErrorGroup, WorkerPool
 
@@ -39,14 +38,6 @@ def fail_on_three(x: int) -> int:
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
-
-
-def mark_then_sleep(item: tuple[str, int, float]) -> int:
-    """Record that this task started (file holds the pid), then sleep."""
-    directory, index, seconds = item
-    Path(directory, f"started-{index}").write_text(str(os.getpid()))
-    time.sleep(seconds)
-    return index
 
 
 # -- helpers ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import check_usable, wait_until
+from conftest import check_usable, mark_then_sleep, wait_until
 
 from poolme_mp import (
     CallCancelledError,
@@ -63,14 +63,6 @@ def mark(directory: str, name: str) -> str:
     """Record that this task ran."""
     Path(directory, f"ran-{name}").write_text(str(os.getpid()))
     return name
-
-
-def mark_then_sleep(item: tuple[str, int, float]) -> int:
-    """Record that this task started (file holds the pid), then sleep."""
-    directory, index, seconds = item
-    Path(directory, f"started-{index}").write_text(str(os.getpid()))
-    time.sleep(seconds)
-    return index
 
 
 # -- helpers ---------------------------------------------------------------------

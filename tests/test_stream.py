@@ -8,7 +8,6 @@ directory the test owns, named after the task, holding the worker's pid.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import check_usable, wait_until
+from conftest import check_usable, mark_then_sleep, wait_until
 
 from poolme_mp import TaskError, TaskErrorGroup, WorkerPool
 
@@ -56,14 +55,6 @@ def slow_except_five(x: int) -> int:
     if x < 5:
         time.sleep(0.3)
     return x * 10
-
-
-def mark_then_sleep(item: tuple[str, int, float]) -> int:
-    """Record that this task started (file holds the pid), then sleep."""
-    directory, index, seconds = item
-    Path(directory, f"started-{index}").write_text(str(os.getpid()))
-    time.sleep(seconds)
-    return index
 
 
 # -- helpers (parent side) -----------------------------------------------------

@@ -18,7 +18,13 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ._errors import CallCancelledError, CallTimeoutError, TaskError, TaskErrorGroup
+from ._errors import (
+    CallCancelledError,
+    CallTimeoutError,
+    TaskError,
+    TaskErrorGroup,
+    input_failure,
+)
 from ._policies import RetryPolicy
 
 # A task waiting to be (re)sent: (index, task, attempts so far, isolated).
@@ -181,7 +187,7 @@ class Call:
                 # their tasks still run and deliver.
                 tasks.extend(itertools.islice(self.iterator, limit))
             except BaseException as exc:  # noqa: BLE001 - reported as the call's failure
-                self.input_error = self._input_failure(start + len(tasks), exc)
+                self.input_error = input_failure(start + len(tasks), exc)
                 self.exhausted = True
             if len(tasks) < limit:
                 self.exhausted = True
@@ -190,13 +196,6 @@ class Call:
             self.length = self.next_index
             self.sink.set_length(self.next_index)
         return range(start, self.next_index), tasks, None, False
-
-    @staticmethod
-    def _input_failure(index: int, exc: BaseException) -> TaskError:
-        error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
-                          f"(after {index} tasks had been read)", index=index)
-        error.__cause__ = exc
-        return error
 
     def _take_pending(self, limit: int) -> tuple[Any, Any, list[int] | None, bool]:
         first = self.pending[0]

@@ -112,6 +112,15 @@ class TaskSerializationError(TaskError):
         self.direction = direction
 
 
+def input_failure(index: int, exc: BaseException) -> TaskError:
+    """The error of a call whose input iterator raised exc after index
+    tasks had been read from it (its __cause__ is exc)."""
+    error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
+                      f"(after {index} tasks had been read)", index=index)
+    error.__cause__ = exc
+    return error
+
+
 class TaskErrorGroup(ExceptionGroup[TaskError], PoolError):
     """Every failure of a call run with continue_on_error, in task order.
 

@@ -47,6 +47,7 @@ from ._errors import (
     PoolError,
     TaskError,
     TaskErrorGroup,
+    input_failure,
 )
 from ._policies import (
     RateLimiter,
@@ -707,9 +708,7 @@ def _read_input(tasks: Iterable[Any], timeout: float | None,
         try:
             items.extend(itertools.islice(iterator, 256))
         except Exception as exc:
-            error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
-                              f"(after {len(items)} tasks had been read)", index=len(items))
-            raise error from exc
+            raise input_failure(len(items), exc) from exc
         if len(items) - before < 256:
             return items
         if deadline is not None and time.monotonic() >= deadline:

@@ -64,6 +64,7 @@ from ._errors import (
     TaskSerializationError,
     WorkerCrashedError,
     describe_task,
+    input_failure,
 )
 from ._policies import RetryOn, RetryPolicy, check_int, pool_retry_policy
 from ._pool import (
@@ -428,7 +429,7 @@ class _CallRunner:
             # tasks still run.
             values.extend(itertools.islice(self.iterator, size))
         except Exception as exc:
-            self.input_error = _input_failure(self.next_index + len(values), exc)
+            self.input_error = input_failure(self.next_index + len(values), exc)
             self.iterator = None
         if len(values) < size:
             self.iterator = None
@@ -681,13 +682,6 @@ def _pickle_batch(items: list[_Item]
         except Exception as exc:
             bad.append((item, exc))
     return cloudpickle.dumps([item.value for item in good]), good, bad
-
-
-def _input_failure(index: int, exc: BaseException) -> TaskError:
-    error = TaskError(f"reading the input raised {type(exc).__name__}: {exc} "
-                      f"(after {index} tasks had been read)", index=index)
-    error.__cause__ = exc
-    return error
 
 
 def _retry_subject(error: TaskError) -> BaseException | None:
